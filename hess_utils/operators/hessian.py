@@ -1,0 +1,345 @@
+"""The Hessian of the causal-LM loss of a model as an operator.
+
+``H = d^2 L / dw^2`` for the loss ``L`` of :mod:`hess_utils.loss` over a fixed list of batches, with
+respect to a selection of the model's parameters. Vectors are lists of tensors shaped like the selected
+parameters, each on its parameter's device and in its dtype, so a model split over devices needs no
+gathering.
+
+Methods
+-------
+``"rev-rev"``
+    Exact (Pearlmutter): differentiate ``g(w) . v`` where ``g`` is the gradient built with
+    ``create_graph=True``. One forward, one backward and one double backward per batch.
+``"fwd-rev"``
+    Exact: forward-mode over reverse-mode, ``torch.func.jvp(torch.func.grad(f), (w,), (v,))`` with
+    ``functional_call``. Never ``jvp`` of ``jacrev`` (measured 19 % off on ``F.layer_norm``).
+``"fd"``
+    Central finite differences of gradients, ``H v ~ (g(w + h v) - g(w - h v)) / (2 h)`` with
+    ``h = eps * ||w|| / ||v||``; ``eps`` defaults to 1e-3 in float32 (about 5e-5 relative error), 1e-6 in
+    float64 (about 1e-10), 1e-2 in half precision. Needs only gradients, so it runs where double
+    backward does not (FSDP, flash attention).
+``"auto"``
+    ``"rev-rev"``, run inside a scoped context that makes the attention kernel differentiable twice:
+    eager attention as is; SDPA under ``sdpa_kernel(SDPBackend.MATH)`` for the duration of each product
+    only; flash attention has no exact second derivative, so ``"auto"`` falls back to ``"fd"`` and warns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from hess_utils import loss as L
+from hess_utils import vectors as V
+from hess_utils.operators.kernels import attention_implementation, hessian_context
+from hess_utils.operators.base import SymmetricOperator
+from hess_utils.operators.selection import ParamSelector, select_parameters
+from hess_utils.vectors import TensorList
+
+METHODS = ("auto", "rev-rev", "fwd-rev", "fd")
+EXACT_METHODS = ("rev-rev", "fwd-rev")
+DEFAULT_FD_EPS = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_eval_mode(model: torch.nn.Module) -> None:
+    """Refuse a model whose dropout is active: its matvec would not be a deterministic linear map."""
+    if not model.training:
+        return
+    active = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    ]
+    if active:
+        raise ValueError(
+            f"the model is in training mode with active dropout ({active[0]}, ...): Hessian-vector "
+            "products would be random; call model.eval() first"
+        )
+
+
+def resolve_method(model: torch.nn.Module, method: str) -> str:
+    """Map ``"auto"`` to a concrete method for this model's attention kernel (see module docstring)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    impl = attention_implementation(model)
+    if method == "auto":
+        if "flash" in impl:
+            warnings.warn(
+                f"attention kernel {impl!r} has no second derivative: method='auto' uses finite "
+                "differences ('fd'); load with attn_implementation='eager' for an exact Hessian",
+                stacklevel=3,
+            )
+            return "fd"
+        return "rev-rev"
+    return method
+
+
+def _check_dtype(dtype: torch.dtype, method: str) -> None:
+    if dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(
+            f"{dtype} Hessian-vector products are dominated by rounding (about 8e-3 relative error "
+            "measured in bf16); use float32 or float64 for numbers you will publish",
+            stacklevel=3,
+        )
+
+
+@contextlib.contextmanager
+def only_these_require_grad(model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Temporarily make exactly ``params`` require grad (smaller graphs); restore the flags afterwards."""
+    chosen = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in chosen)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------------------------------- operator
+class HessianOperator(SymmetricOperator):
+    """``H v`` for the loss of ``model`` on ``batches`` with respect to the selected parameters.
+
+    Parameters
+    ----------
+    model
+        A causal LM returning ``.logits`` of shape ``(batch, seq, vocab)``; must be in eval mode.
+    batches
+        A re-iterable list of dicts with ``input_ids`` ``(b, s)`` and optionally ``attention_mask``.
+    params
+        Parameter selection (see :func:`select_parameters`); default all trainable parameters.
+    method
+        One of ``"auto"``, ``"rev-rev"``, ``"fwd-rev"``, ``"fd"`` (module docstring).
+    reduction
+        ``"mean"``: the loss is the mean over all predicted tokens of all batches; ``"sum"``: their sum.
+    fd_eps
+        Relative finite-difference step (``"fd"`` only); default per dtype, see ``DEFAULT_FD_EPS``.
+    keep_graph
+        ``"rev-rev"`` only: keep each batch's first-order graph between products, so every later product
+        costs one backward pass instead of forward + backward + double backward. Memory grows by one
+        graph per batch; use it when the batches are fixed and memory allows.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batches: Iterable[L.Batch],
+        params: ParamSelector = None,
+        method: str = "auto",
+        reduction: str = "mean",
+        fd_eps: float | None = None,
+        keep_graph: bool = False,
+        progress: bool = False,
+    ) -> None:
+        if reduction not in L.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {L.REDUCTIONS}, got {reduction!r}")
+        check_eval_mode(model)
+        self.model = model
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("no batches given: pass a non-empty list of {'input_ids': ...} dicts")
+        for i, b in enumerate(self.batches):
+            if "input_ids" not in b or b["input_ids"].ndim != 2:
+                raise ValueError(f"batch {i} needs 'input_ids' of shape (batch, seq_len)")
+        self.method = resolve_method(model, method)
+        self.requested_method = method
+        self.reduction = reduction
+        self.keep_graph = bool(keep_graph) and self.method == "rev-rev"
+        self.progress = progress
+        selected = select_parameters(model, params)
+        self.param_names = [n for n, _ in selected]
+        self.params = [p for _, p in selected]
+        self.shapes = [p.shape for p in self.params]
+        self.dtypes = [p.dtype for p in self.params]
+        self.devices = [p.device for p in self.params]
+        if any(p.device.type == "meta" for p in self.params):
+            raise ValueError(
+                "some selected parameters are on the meta device (offloaded): they drop out of the "
+                "autograd graph; load the model fully materialised"
+            )
+        _check_dtype(self.dtypes[0], self.method)
+        if self.method == "fd":
+            self.fd_eps = float(fd_eps) if fd_eps is not None else DEFAULT_FD_EPS.get(self.dtypes[0], 1e-3)
+            if not self.fd_eps > 0:
+                raise ValueError(f"fd_eps must be positive, got {fd_eps}")
+        else:
+            self.fd_eps = None
+        self.num_tokens = self._global_token_count()
+        if self.num_tokens == 0:
+            raise ValueError("the batches contain no predicted token (all padding, or sequences of length 1)")
+        self._graphs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.num_matvecs = 0
+
+    # ------------------------------------------------------------------ hooks for engines
+    def _global_token_count(self) -> int:
+        """Number of predicted tokens over all batches (engines sum it over ranks)."""
+        return L.total_tokens(self.batches)
+
+    def _reduce(self, local: TensorList) -> TensorList:
+        """Combine partial products (engines all-reduce over ranks); identity on one process."""
+        return local
+
+    @property
+    def scale(self) -> float:
+        """The factor between the summed loss and the loss (``1 / N`` for ``"mean"``)."""
+        return 1.0 / self.num_tokens if self.reduction == "mean" else 1.0
+
+    # ------------------------------------------------------------------ products
+    def _matvec(self, v: TensorList) -> TensorList:
+        with hessian_context(self.model, exact=self.method != "fd"):
+            if self.method == "fd":
+                local = self._fd_hvp(v)
+            else:
+                local = V.zeros_like(v)
+                for index, batch in enumerate(self._batch_iter("H v")):
+                    part = self._rev_rev(index, batch, v) if self.method == "rev-rev" else self._fwd_rev(batch, v)
+                    for acc, x in zip(local, part, strict=True):
+                        acc.add_(x)
+        out = self._reduce(local)
+        V.scale_(self.scale, out)
+        self._check_finite(out)
+        self.num_matvecs += 1
+        return out
+
+    def _batch_iter(self, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(self.batches, desc=desc, disable=not self.progress, leave=False)
+
+    def _first_order_graph(self, batch: L.Batch) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad(), only_these_require_grad(self.model, self.params):
+            loss = L.batch_loss_sum(self.model, batch)
+            self._check_loss(loss)
+            return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True)
+
+    def _rev_rev(self, index: int, batch: L.Batch, v: TensorList) -> TensorList:
+        grads = self._graphs.get(index) if self.keep_graph else None
+        if grads is None:
+            grads = self._first_order_graph(batch)
+            if self.keep_graph:
+                self._graphs[index] = grads
+        pairs = [(g, vi) for g, vi in zip(grads, v, strict=True) if g.requires_grad]
+        if not pairs:
+            return V.zeros_like(v)
+        with torch.enable_grad():
+            hv = torch.autograd.grad(
+                [g for g, _ in pairs],
+                self.params,
+                grad_outputs=[vi for _, vi in pairs],
+                retain_graph=self.keep_graph,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        return [h.detach() for h in hv]
+
+    def _fwd_rev(self, batch: L.Batch, v: TensorList) -> TensorList:
+        from torch.func import functional_call, grad, jvp
+
+        names = self.param_names
+        inputs = L.model_inputs(batch, L.input_device(self.model))
+
+        def batch_loss(*weights: torch.Tensor) -> torch.Tensor:
+            out = functional_call(self.model, dict(zip(names, weights, strict=True)), args=(), kwargs={**inputs, "use_cache": False})
+            return L.summed_cross_entropy(out.logits, batch)
+
+        primals = tuple(p.detach() for p in self.params)
+        argnums = tuple(range(len(primals)))
+        with torch.no_grad():  # torch.func ignores an outer no_grad; it stops a graph for the other weights
+            _, hv = jvp(grad(batch_loss, argnums=argnums), primals, tuple(v))
+        return list(hv)
+
+    def _gradient_sum(self) -> TensorList:
+        """Sum over local batches of the gradient of the summed loss (no scaling, no reduction)."""
+        total = [torch.zeros_like(p) for p in self.params]
+        with torch.enable_grad(), only_these_require_grad(self.model, self.params):
+            for batch in self.batches:
+                loss = L.batch_loss_sum(self.model, batch)
+                self._check_loss(loss)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
+                for acc, g in zip(total, grads, strict=True):
+                    acc.add_(g)
+        return total
+
+    def fd_step(self, v: TensorList) -> float:
+        """The finite-difference step ``h = eps * ||w|| / ||v||`` for this vector."""
+        w_norm, v_norm = V.norm([p.detach() for p in self.params]), V.norm(v)
+        if v_norm == 0:
+            return 0.0
+        return self.fd_eps * (w_norm if w_norm > 0 else 1.0) / v_norm
+
+    def _fd_hvp(self, v: TensorList) -> TensorList:
+        h = self.fd_step(v)
+        if h == 0:
+            return V.zeros_like(v)
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, vi in zip(self.params, v, strict=True):
+                    p.add_(vi, alpha=h)
+            g_plus = self._gradient_sum()
+            with torch.no_grad():
+                for p, w, vi in zip(self.params, saved, v, strict=True):
+                    p.copy_(w).add_(vi, alpha=-h)
+            g_minus = self._gradient_sum()
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, saved, strict=True):
+                    p.copy_(w)
+        return [(gp - gm) / (2 * h) for gp, gm in zip(g_plus, g_minus, strict=True)]
+
+    # ------------------------------------------------------------------ loss and gradient
+    def loss(self) -> float:
+        """``L(w)`` with this operator's reduction."""
+        with torch.no_grad(), hessian_context(self.model, exact=False):
+            total = sum(float(L.batch_loss_sum(self.model, b)) for b in self.batches)
+        return float(self._reduce([torch.tensor(total, dtype=torch.float64)])[0]) * self.scale
+
+    def gradient(self) -> TensorList:
+        """``dL/dw`` for the selected parameters, as a vector list."""
+        with hessian_context(self.model, exact=False):
+            out = self._reduce(self._gradient_sum())
+        V.scale_(self.scale, out)
+        return out
+
+    def clear_graphs(self) -> None:
+        """Free the first-order graphs kept by ``keep_graph=True``."""
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------ errors
+    @staticmethod
+    def _check_loss(loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).item():
+            raise FloatingPointError(
+                f"the loss is not finite ({float(loss)}); check the model's weights and dtype "
+                "(fp16 overflows easily) and the token ids (must be < vocab size)"
+            )
+
+    def _check_finite(self, out: TensorList) -> None:
+        total = V.dot_tensor(out, out)
+        if not math.isfinite(float(total)):
+            raise FloatingPointError(
+                f"H v is not finite (method {self.method!r}); check the loss and, for 'fd', the step fd_eps"
+            )
+
+
+def hessian_operator(
+    model: torch.nn.Module,
+    batches: Iterable[L.Batch],
+    params: ParamSelector = None,
+    method: str = "auto",
+    reduction: str = "mean",
+    fd_eps: float | None = None,
+    keep_graph: bool = False,
+    progress: bool = False,
+) -> HessianOperator:
+    """The Hessian of the causal-LM loss of ``model`` on ``batches`` as an operator (see :class:`HessianOperator`)."""
+    return HessianOperator(
+        model, batches, params=params, method=method, reduction=reduction, fd_eps=fd_eps,
+        keep_graph=keep_graph, progress=progress,
+    )

@@ -1,0 +1,142 @@
+"""Vectors as lists of tensors, one per parameter block, each on its own device and in its own dtype.
+
+Nothing here assumes one flat vector on one device: a model split across devices gives a vector whose
+blocks live where their parameters live. Reductions (``dot``, ``norm``) accumulate in float64, because
+float32 reductions over millions of entries lose about 1e-4 relative accuracy on CPU, enough to push a
+Ritz value past the true largest eigenvalue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+TensorList = list[torch.Tensor]
+
+PROBE_KINDS = ("rademacher", "gaussian")
+
+
+def _check_pair(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"vector lists have different lengths ({len(a)} vs {len(b)} blocks)")
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x.shape != y.shape:
+            raise ValueError(f"block {i}: shapes differ ({tuple(x.shape)} vs {tuple(y.shape)})")
+
+
+def dot_tensor(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i <a_i, b_i>`` as a float64 scalar tensor on the first block's device (no host sync)."""
+    _check_pair(a, b)
+    if not a:
+        raise ValueError("empty vector list")
+    home = a[0].device
+    total = torch.zeros((), dtype=torch.float64, device=home)
+    for x, y in zip(a, b, strict=True):
+        part = torch.dot(x.reshape(-1).to(torch.float64), y.reshape(-1).to(torch.float64))
+        total = total + part.to(home)
+    return total
+
+
+def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """Inner product ``sum_i <a_i, b_i>``, accumulated in float64, as a Python float."""
+    return float(dot_tensor(a, b))
+
+
+def norm(a: Sequence[torch.Tensor]) -> float:
+    """Euclidean norm ``sqrt(sum_i ||a_i||^2)``, accumulated in float64."""
+    return math.sqrt(max(dot(a, a), 0.0))
+
+
+def axpy_(alpha: float | torch.Tensor, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> None:
+    """In place ``y <- y + alpha * x`` block by block."""
+    _check_pair(x, y)
+    for xi, yi in zip(x, y, strict=True):
+        if isinstance(alpha, torch.Tensor):
+            yi.add_(alpha.to(device=yi.device, dtype=yi.dtype) * xi.to(yi.device))
+        else:
+            yi.add_(xi.to(yi.device), alpha=alpha)
+
+
+def scale_(alpha: float | torch.Tensor, x: Sequence[torch.Tensor]) -> None:
+    """In place ``x <- alpha * x``."""
+    for xi in x:
+        xi.mul_(alpha.to(device=xi.device, dtype=xi.dtype) if isinstance(alpha, torch.Tensor) else alpha)
+
+
+def add(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor], alpha: float = 1.0) -> TensorList:
+    """New list ``x + alpha * y``."""
+    _check_pair(x, y)
+    return [xi + alpha * yi.to(xi.device) for xi, yi in zip(x, y, strict=True)]
+
+
+def scaled(alpha: float, x: Sequence[torch.Tensor]) -> TensorList:
+    """New list ``alpha * x``."""
+    return [alpha * xi for xi in x]
+
+
+def clone(x: Sequence[torch.Tensor]) -> TensorList:
+    """A detached copy."""
+    return [xi.detach().clone() for xi in x]
+
+
+def zeros_like(x: Sequence[torch.Tensor]) -> TensorList:
+    """Zeros with the shapes, dtypes and devices of ``x``."""
+    return [torch.zeros_like(xi) for xi in x]
+
+
+def to_device(x: Sequence[torch.Tensor], device: torch.device | str) -> TensorList:
+    """Every block moved to ``device`` (e.g. to offload a Lanczos basis vector to CPU)."""
+    return [xi.to(device) for xi in x]
+
+
+def like(x: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> TensorList:
+    """``x`` moved to the devices and dtypes of ``reference`` block by block."""
+    _check_pair(x, reference)
+    return [xi.to(device=r.device, dtype=r.dtype) for xi, r in zip(x, reference, strict=True)]
+
+
+def flatten(x: Sequence[torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """One flat CPU tensor of all blocks in order (for small problems and scipy)."""
+    return torch.cat([xi.detach().reshape(-1).to("cpu", dtype) for xi in x])
+
+
+def unflatten(flat: torch.Tensor, reference: Sequence[torch.Tensor]) -> TensorList:
+    """Split a flat tensor into blocks shaped, typed and placed like ``reference``."""
+    sizes = [r.numel() for r in reference]
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"flat vector has {flat.numel()} entries, expected {sum(sizes)}")
+    parts = torch.split(flat.reshape(-1), sizes)
+    return [p.reshape(r.shape).to(device=r.device, dtype=r.dtype) for p, r in zip(parts, reference, strict=True)]
+
+
+def random_like(
+    reference: Sequence[torch.Tensor],
+    kind: str = "rademacher",
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+) -> TensorList:
+    """A random probe shaped like ``reference``: Rademacher (+-1) or standard Gaussian entries.
+
+    Entries are drawn on the CPU from one seeded generator, block after block, then moved to each block's
+    device, so the same seed gives the same vector whatever the devices or the engine.
+    """
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"unknown probe kind {kind!r}; choose one of {PROBE_KINDS}")
+    if generator is None:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(0 if seed is None else int(seed))
+    out: TensorList = []
+    for r in reference:
+        if kind == "rademacher":
+            draw = torch.randint(0, 2, r.shape, generator=generator, dtype=torch.int8).to(r.dtype) * 2 - 1
+        else:
+            draw = torch.randn(r.shape, generator=generator, dtype=torch.float64).to(r.dtype)
+        out.append(draw.to(r.device))
+    return out
+
+
+def numel(x: Sequence[torch.Tensor]) -> int:
+    """Total number of entries."""
+    return sum(xi.numel() for xi in x)

@@ -1,0 +1,215 @@
+"""HVP methods against dense float64 Hessians (``jacrev(grad)``) on tiny models of five families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hess_utils import vectors as V
+from hess_utils.operators.hessian import hessian_operator
+from hess_utils.operators.kernels import hessian_context
+from tests.tiny import dense_hessian, tiny_batches, tiny_model
+
+FAMILIES = ["gpt2", "gpt_neox", "opt", "llama", "qwen2"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_setup(request):
+    model = tiny_model(request.param)
+    batches = tiny_batches(pad=True)
+    return request.param, model, batches, dense_hessian(model, batches)
+
+
+@pytest.mark.parametrize("method", ["rev-rev", "fwd-rev", "auto", "fd"])
+def test_hvp_matches_dense_float64(family_setup, method):
+    _, model, batches, H = family_setup
+    op = hessian_operator(model, batches, method=method)
+    assert op.dim == H.shape[0]
+    for seed in (0, 1):
+        v = op.random_vector("gaussian", seed)
+        err = rel(V.flatten(op.matvec(v)), H @ V.flatten(v))
+        assert err < (1e-6 if method == "fd" else 1e-10), err
+
+
+def test_fd_float32_within_1e4():
+    model64 = tiny_model("gpt2")
+    batches = tiny_batches(pad=True)
+    H = dense_hessian(model64, batches)
+    model32 = tiny_model("gpt2", dtype=torch.float32)
+    op = hessian_operator(model32, batches, method="fd")
+    v = op.random_vector("gaussian", 0)
+    assert rel(V.flatten(op.matvec(v)), H @ V.flatten(v)) < 1e-4
+
+
+def test_dense_hessian_symmetric_and_full_operator_matches():
+    model = tiny_model("llama")
+    batches = tiny_batches(num_batches=1)
+    H = dense_hessian(model, batches)
+    Hop = hessian_operator(model, batches, method="rev-rev").to_dense()
+    assert float((Hop - Hop.T).abs().max() / Hop.abs().max()) < 1e-12
+    assert rel(Hop, H) < 1e-12
+
+
+def test_float64_fix_is_scoped_and_float32_untouched():
+    """Our float64 kernels are only active inside the context; float32 logits are bit-identical."""
+    model = tiny_model("llama", dtype=torch.float32)
+    ids = tiny_batches(num_batches=1)[0]["input_ids"]
+    plain = model(input_ids=ids).logits
+    with hessian_context(model):
+        inside = model(input_ids=ids).logits
+    assert torch.equal(plain, inside)
+    model64 = tiny_model("llama")
+    before = model64.config._attn_implementation
+    with hessian_context(model64):
+        assert model64.config._attn_implementation != before
+        precise = model64(input_ids=ids).logits
+    assert model64.config._attn_implementation == before
+    assert rel(precise, model64(input_ids=ids).logits) < 1e-6  # same function, float32-rounded outside
+
+
+def test_sum_reduction_is_additive_and_mean_scales():
+    model = tiny_model("gpt_neox")
+    batches = tiny_batches(num_batches=3)
+    v = hessian_operator(model, batches).random_vector("gaussian", 2)
+    whole = V.flatten(hessian_operator(model, batches, reduction="sum").matvec(v))
+    parts = sum(V.flatten(hessian_operator(model, [b], reduction="sum").matvec(v)) for b in batches)
+    assert rel(parts, whole) < 1e-12
+    mean = V.flatten(hessian_operator(model, batches, reduction="mean").matvec(v))
+    n_tokens = sum(b["input_ids"].shape[0] * (b["input_ids"].shape[1] - 1) for b in batches)
+    assert rel(mean * n_tokens, whole) < 1e-12
+
+
+def test_padding_is_ignored():
+    """Changing a padded token's id changes nothing; the loss is normalised by real tokens only."""
+    model = tiny_model("gpt2")
+    batches = tiny_batches(num_batches=1, pad=True)
+    other = [{k: t.clone() for k, t in b.items()} for b in batches]
+    other[0]["input_ids"][0, -1] = 5
+    op_a, op_b = hessian_operator(model, batches), hessian_operator(model, other)
+    assert op_a.num_tokens == 2 * 5 - 2
+    v = op_a.random_vector("gaussian", 0)
+    assert rel(V.flatten(op_b.matvec(v)), V.flatten(op_a.matvec(v))) < 1e-13
+
+
+def test_keep_graph_gives_same_products():
+    model = tiny_model("qwen2")
+    batches = tiny_batches()
+    plain = hessian_operator(model, batches, method="rev-rev")
+    kept = hessian_operator(model, batches, method="rev-rev", keep_graph=True)
+    for seed in range(3):
+        v = plain.random_vector("gaussian", seed)
+        assert rel(V.flatten(kept.matvec(v)), V.flatten(plain.matvec(v))) < 1e-13
+
+
+def test_parameter_selection_matches_dense_block():
+    model = tiny_model("gpt2")
+    batches = tiny_batches()
+    names = [n for n, _ in model.named_parameters()]
+    H = dense_hessian(model, batches)
+    sel = ["transformer.h.0.attn.*", "transformer.ln_f.weight"]
+    op = hessian_operator(model, batches, params=sel)
+    assert op.param_names == [n for n in names if n.startswith("transformer.h.0.attn.") or n == "transformer.ln_f.weight"]
+    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    offsets, start = {}, 0
+    for n in names:
+        offsets[n] = (start, start + sizes[n])
+        start += sizes[n]
+    idx = torch.cat([torch.arange(*offsets[n]) for n in op.param_names])
+    v = op.random_vector("gaussian", 0)
+    assert rel(V.flatten(op.matvec(v)), H[idx][:, idx] @ V.flatten(v)) < 1e-10
+    by_type = hessian_operator(model, batches, params="Conv1D")
+    assert by_type.param_names and all(n.split(".")[-2] in ("c_attn", "c_proj", "c_fc") for n in by_type.param_names)
+
+
+def test_sdpa_model_runs_exactly_inside_scoped_math_kernel():
+    eager = tiny_model("llama", seed=3)
+    sdpa = tiny_model("llama", seed=3, attn="sdpa")
+    batches = tiny_batches()
+    v = hessian_operator(eager, batches).random_vector("gaussian", 0)
+    for method in ("auto", "fwd-rev"):
+        a = V.flatten(hessian_operator(sdpa, batches, method=method).matvec(v))
+        b = V.flatten(hessian_operator(eager, batches, method="rev-rev").matvec(v))
+        assert rel(a, b) < 1e-10
+
+
+def test_float32_gpt2_shape_exact_methods_within_1e5_per_block():
+    """A GPT-2 shape with LayerNorms (~2.6 M parameters): float32 exact HVPs vs float64, block by block."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=4096, n_positions=64, n_embd=256, n_layer=2, n_head=4)
+    model64 = GPT2LMHeadModel(cfg).double().eval()
+    assert 2_000_000 < sum(p.numel() for p in model64.parameters()) < 5_000_000
+    model32 = GPT2LMHeadModel(cfg).float().eval()
+    model32.load_state_dict(model64.state_dict())
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 4096, (2, 32), generator=g)}]
+    op64 = hessian_operator(model64, batches, method="rev-rev")
+    v64 = op64.random_vector("gaussian", 0)
+    ref = op64.matvec(v64)
+    for method in ("rev-rev", "fwd-rev"):
+        op32 = hessian_operator(model32, batches, method=method)
+        out = op32.matvec([x.float() for x in v64])
+        for name, a, b in zip(op32.param_names, out, ref, strict=True):
+            err = float((a.double() - b).norm() / b.norm().clamp_min(1e-300))
+            assert err < 1e-5, (method, name, err)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_training_mode_with_dropout_is_refused():
+    model = tiny_model("gpt2")
+    model.config.resid_pdrop = 0.1
+    from transformers import GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(model.config).train()
+    with pytest.raises(ValueError, match="eval"):
+        hessian_operator(m, tiny_batches())
+
+
+def test_empty_selection_unknown_method_and_bad_vectors():
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        hessian_operator(model, tiny_batches(), params="nope.*")
+    with pytest.raises(ValueError, match="unknown method"):
+        hessian_operator(model, tiny_batches(), method="magic")
+    with pytest.raises(ValueError, match="no batches"):
+        hessian_operator(model, [])
+    op = hessian_operator(model, tiny_batches())
+    with pytest.raises(ValueError, match="blocks"):
+        op.matvec(op.zeros()[:-1])
+    bad = op.zeros()
+    bad[0] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shape"):
+        op.matvec(bad)
+    with pytest.raises(TypeError, match="lists of tensors"):
+        op.matvec(torch.zeros(op.dim))
+
+
+def test_non_finite_loss_is_reported():
+    model = tiny_model("gpt2")
+    with torch.no_grad():
+        model.transformer.wte.weight[3, 0] = float("nan")
+    batches = [{"input_ids": torch.full((1, 4), 3)}]
+    op = hessian_operator(model, batches)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        op.matvec(op.random_vector())
+
+
+def test_half_precision_warns_for_exact_methods():
+    model = tiny_model("gpt2", dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="rounding"):
+        hessian_operator(model, tiny_batches(), method="rev-rev")
+
+
+def test_flash_attention_refused_for_exact_methods_auto_falls_back():
+    model = tiny_model("gpt2")
+    model.config._attn_implementation_internal = "flash_attention_2"
+    op = hessian_operator(model, tiny_batches(), method="rev-rev")
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        op.matvec(op.random_vector())
+    with pytest.warns(UserWarning, match="finite differences"):
+        assert hessian_operator(model, tiny_batches(), method="auto").method == "fd"
