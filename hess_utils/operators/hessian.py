@@ -35,8 +35,8 @@ import torch
 
 from hess_utils import loss as L
 from hess_utils import vectors as V
-from hess_utils.operators.kernels import attention_implementation, hessian_context
 from hess_utils.operators.base import SymmetricOperator
+from hess_utils.operators.kernels import attention_implementation, hessian_context
 from hess_utils.operators.selection import ParamSelector, select_parameters
 from hess_utils.vectors import TensorList
 
@@ -185,6 +185,10 @@ class HessianOperator(SymmetricOperator):
         """Combine partial products (engines all-reduce over ranks); identity on one process."""
         return local
 
+    def _sum_scalar(self, x: float) -> float:
+        """Sum a per-process number over ranks (engines); identity on one process."""
+        return x
+
     @property
     def scale(self) -> float:
         """The factor between the summed loss and the loss (``1 / N`` for ``"mean"``)."""
@@ -245,7 +249,8 @@ class HessianOperator(SymmetricOperator):
         inputs = L.model_inputs(batch, L.input_device(self.model))
 
         def batch_loss(*weights: torch.Tensor) -> torch.Tensor:
-            out = functional_call(self.model, dict(zip(names, weights, strict=True)), args=(), kwargs={**inputs, "use_cache": False})
+            weights_by_name = dict(zip(names, weights, strict=True))
+            out = functional_call(self.model, weights_by_name, args=(), kwargs={**inputs, "use_cache": False})
             return L.summed_cross_entropy(out.logits, batch)
 
         primals = tuple(p.detach() for p in self.params)
@@ -298,7 +303,7 @@ class HessianOperator(SymmetricOperator):
         """``L(w)`` with this operator's reduction."""
         with torch.no_grad(), hessian_context(self.model, exact=False):
             total = sum(float(L.batch_loss_sum(self.model, b)) for b in self.batches)
-        return float(self._reduce([torch.tensor(total, dtype=torch.float64)])[0]) * self.scale
+        return self._sum_scalar(total) * self.scale
 
     def gradient(self) -> TensorList:
         """``dL/dw`` for the selected parameters, as a vector list."""
