@@ -53,9 +53,13 @@ def _worker(rank: int, port: int, job: str, dtype_name: str, out_dir: str) -> No
     except Exception:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # A barrier before tearing gloo down, then a hard exit: gloo's threads can otherwise abort the
+    # interpreter's shutdown ("terminate called without an active exception") after the work succeeded.
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def _run(job: str, dtype_name: str, tmp_path) -> dict:

@@ -112,7 +112,8 @@ def test_parameter_selection_matches_dense_block():
     H = dense_hessian(model, batches)
     sel = ["transformer.h.0.attn.*", "transformer.ln_f.weight"]
     op = hessian_operator(model, batches, params=sel)
-    assert op.param_names == [n for n in names if n.startswith("transformer.h.0.attn.") or n == "transformer.ln_f.weight"]
+    expected = [n for n in names if n.startswith("transformer.h.0.attn.") or n == "transformer.ln_f.weight"]
+    assert op.param_names == expected
     sizes = dict((n, p.numel()) for n, p in model.named_parameters())
     offsets, start = {}, 0
     for n in names:

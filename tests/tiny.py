@@ -75,7 +75,8 @@ def dense_hessian(model, batches, names=None, reduction="mean") -> torch.Tensor:
         weights = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
         total = 0
         for b in batches:
-            out = functional_call(model, weights, args=(), kwargs={**L.model_inputs(b, flat.device), "use_cache": False})
+            kwargs = {**L.model_inputs(b, flat.device), "use_cache": False}
+            out = functional_call(model, weights, args=(), kwargs=kwargs)
             total = total + L.summed_cross_entropy(out.logits, b)
         return total / n_tok if reduction == "mean" else total
 

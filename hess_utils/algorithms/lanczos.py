@@ -1,0 +1,490 @@
+"""The symmetric Lanczos process on a :class:`~hess_utils.operators.base.SymmetricOperator`.
+
+Starting from a unit vector :math:`q_1`, the three-term recurrence
+
+.. math::
+
+    \\beta_j q_{j+1} = H q_j - \\alpha_j q_j - \\beta_{j-1} q_{j-1}, \\qquad
+    \\alpha_j = q_j^\\top H q_j, \\qquad \\beta_j = \\lVert \\cdot \\rVert,
+
+builds an orthonormal basis :math:`Q_k = [q_1, \\dots, q_k]` of the Krylov space
+:math:`\\mathcal{K}_k(H, q_1)` in which :math:`Q_k^\\top H Q_k = T_k` is tridiagonal (diagonal
+:math:`\\alpha_{1..k}`, off-diagonal :math:`\\beta_{1..k-1}`). With :math:`T_k = S \\Theta S^\\top`:
+
+* the Ritz values :math:`\\theta_i` approximate eigenvalues of :math:`H` (extreme ones first);
+* the Ritz weights :math:`s_{1i}^2` are the Gauss quadrature weights of the spectral measure of
+  :math:`H` seen from :math:`q_1` (they sum to 1), the basis of stochastic Lanczos quadrature;
+* :math:`|\\beta_k s_{ki}|` is the residual norm :math:`\\lVert H y_i - \\theta_i y_i \\rVert` of the Ritz
+  vector :math:`y_i = Q_k s_i`, so an eigenvalue of :math:`H` lies within it of :math:`\\theta_i`.
+
+In floating point the :math:`q_j` lose orthogonality as Ritz values converge and converged eigenvalues
+reappear as extra copies ("ghosts"). ``reorth="full"`` keeps the basis and re-orthogonalises every new
+vector against it (classical Gram-Schmidt twice, "twice is enough"); ``reorth="offload"`` does the same
+with the basis in CPU memory; ``reorth="none"`` keeps O(1) vectors and leaves ghosts to
+:func:`~hess_utils.algorithms.ghosts.cullum_willoughby_mask`.
+
+The run is a resumable state machine (:func:`lanczos_init`, :func:`lanczos_step`,
+:func:`lanczos_finish`) so that it can be checkpointed between matrix-vector products;
+:func:`lanczos` is the loop over it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hess_utils import vectors as V
+from hess_utils.algorithms._frozen import freeze_arrays
+from hess_utils.algorithms._products import owned_matvec
+from hess_utils.algorithms.ghosts import cullum_willoughby_mask
+from hess_utils.algorithms.probes import check_count, check_seed
+from hess_utils.algorithms.tridiagonal import tridiagonal_eigh
+from hess_utils.operators.base import SymmetricOperator
+from hess_utils.vectors import TensorList
+
+REORTH_MODES = ("full", "offload", "none")
+CUSTOM_START = "custom"
+
+# Half-precision matrix products return half-precision results (3 significant digits for bfloat16), too
+# coarse for re-orthogonalisation coefficients; they are computed in float32 in chunks of this many columns.
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_HALF_CHUNK = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class LanczosResult:
+    """The tridiagonal matrix of a Lanczos run and its eigen-decomposition (all float64).
+
+    Attributes
+    ----------
+    alphas : np.ndarray, shape (k,)
+        Diagonal of :math:`T_k`.
+    betas : np.ndarray, shape (k-1,)
+        Off-diagonal of :math:`T_k`.
+    ritz_values : np.ndarray, shape (k,)
+        Eigenvalues :math:`\\theta_i` of :math:`T_k`, ascending.
+    ritz_weights : np.ndarray, shape (k,)
+        :math:`s_{1i}^2`, squared first components of the eigenvectors of :math:`T_k`; they sum to 1.
+    ghost_mask : np.ndarray of bool, shape (k,)
+        Cullum-Willoughby mask (:func:`~hess_utils.algorithms.ghosts.cullum_willoughby_mask`): True for
+        spurious Ritz values and for the extra copies of numerically multiple ones. With full
+        re-orthogonalisation it is normally all False.
+    residual_estimates : np.ndarray, shape (k,)
+        :math:`|\\beta_k s_{ki}|`, the residual norm of each Ritz pair (an eigenvalue of :math:`H` lies
+        within it of :math:`\\theta_i`).
+    orthogonality_loss : float
+        :math:`\\max_{i \\ne j} |q_i^\\top q_j|` over the kept basis; NaN when ``reorth="none"``.
+    breakdown : bool
+        True when the last :math:`\\beta` fell to the breakdown tolerance: the Krylov space is invariant
+        under :math:`H` and the Ritz values are eigenvalues of :math:`H` (up to rounding). This stops the
+        run early (``num_iters`` then is smaller than requested) and happens at the latest at
+        ``k = dim``.
+    num_iters : int
+        ``k``, the number of iterations run.
+    last_beta : float
+        :math:`\\beta_k`, the norm of the residual after the last iteration.
+    reorth : str
+        ``"full"``, ``"offload"`` or ``"none"``.
+    seed : int or None
+        Seed of the start vector, None when a start vector was given.
+    probe : str
+        Distribution of the start vector (``"rademacher"``, ``"gaussian"``), ``"custom"`` when given.
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    ritz_values: np.ndarray
+    ritz_weights: np.ndarray
+    ghost_mask: np.ndarray
+    residual_estimates: np.ndarray
+    orthogonality_loss: float
+    breakdown: bool
+    num_iters: int
+    last_beta: float
+    reorth: str
+    seed: int | None
+    probe: str
+
+    def __post_init__(self) -> None:
+        freeze_arrays(self)
+
+    def tridiagonal(self) -> np.ndarray:
+        """The ``(k, k)`` float64 matrix :math:`T_k`."""
+        return np.diag(self.alphas) + np.diag(self.betas, 1) + np.diag(self.betas, -1)
+
+    def converged(self, tol: float = 1e-8, relative: bool = True) -> np.ndarray:
+        """Mask ``(k,)`` of Ritz values whose residual estimate is at most ``tol``.
+
+        With ``relative=True`` (default) the bound is ``tol * max |theta|``, i.e. relative to
+        :math:`\\lVert T_k \\rVert_2`; otherwise ``tol`` is absolute.
+        """
+        if not tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {tol!r}")
+        scale = float(np.max(np.abs(self.ritz_values))) if relative else 1.0
+        return self.residual_estimates <= tol * scale
+
+    @property
+    def distinct_ritz_values(self) -> np.ndarray:
+        """Ritz values not flagged by :attr:`ghost_mask`: each eigenvalue found is listed once."""
+        return self.ritz_values[~self.ghost_mask]
+
+
+@dataclass
+class LanczosState:
+    """Everything needed to continue a Lanczos run (mutable; :func:`lanczos_step` updates it in place).
+
+    After ``j = iteration`` steps, ``alphas`` and ``betas`` hold :math:`\\alpha_{1..j}` and
+    :math:`\\beta_{1..j}` (the last one is the residual norm, not yet part of :math:`T_j`), ``q`` is
+    :math:`q_{j+1}` and ``q_prev`` is :math:`q_j` (None before the first step). With full or offloaded
+    re-orthogonalisation ``basis`` holds one tensor per block, of shape ``(num_iters + 1, numel)``, whose
+    row ``i`` is :math:`q_{i+1}` (rows ``0..j`` are filled). All vectors are in the operator's dtypes;
+    ``basis`` lives on the blocks' devices (``"full"``) or in CPU memory (``"offload"``).
+
+    Attributes
+    ----------
+    num_iters, reorth, seed, probe
+        The configuration of the run (see :func:`lanczos`).
+    tol : float or None
+        Absolute breakdown tolerance given by the user, or None for ``rtol * max(|alpha|, beta)``.
+    rtol : float
+        Relative breakdown tolerance used when ``tol`` is None.
+    unit_roundoff : float
+        Machine epsilon of the least precise block dtype (scales the ghost tolerance).
+    """
+
+    num_iters: int
+    reorth: str
+    seed: int | None
+    probe: str
+    tol: float | None
+    rtol: float
+    unit_roundoff: float
+    q: TensorList
+    q_prev: TensorList | None = None
+    alphas: list[float] = field(default_factory=list)
+    betas: list[float] = field(default_factory=list)
+    iteration: int = 0
+    basis: list[torch.Tensor] | None = None
+    breakdown: bool = False
+
+    @property
+    def done(self) -> bool:
+        """True once ``num_iters`` steps are done or the run broke down."""
+        return self.breakdown or self.iteration >= self.num_iters
+
+    def breakdown_tolerance(self) -> float:
+        """The absolute threshold below which :math:`\\beta_j` counts as zero."""
+        if self.tol is not None:
+            return self.tol
+        scale = max(max(abs(a) for a in self.alphas), max(self.betas))
+        return self.rtol * scale
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def default_breakdown_rtol(dtypes: Sequence[torch.dtype]) -> float:
+    """Relative breakdown tolerance ``min(max(1e-10, 10 * eps), 1e-3)`` for the least precise ``dtypes``.
+
+    That is 1e-10 in float64 and about 1.2e-6 in float32: a residual below it is indistinguishable from
+    the rounding noise of a product with ``H``. Half precision is capped at 1e-3 (not 10 eps ~ 8e-2) so
+    that a bulk of eigenvalues a few percent of the largest does not end the run: stopping too early
+    loses the spectrum, while continuing through noise only adds Ritz values of negligible weight.
+    """
+    return min(max(1e-10, 10.0 * unit_roundoff(dtypes)), 1e-3)
+
+
+def unit_roundoff(dtypes: Sequence[torch.dtype]) -> float:
+    """Machine epsilon of the least precise of ``dtypes``."""
+    return max(torch.finfo(d).eps for d in dtypes)
+
+
+def _check_config(op: SymmetricOperator, num_iters: int, reorth: str, tol: float | None) -> int:
+    num_iters = check_count("num_iters", num_iters)
+    if reorth not in REORTH_MODES:
+        raise ValueError(f"unknown reorth {reorth!r}; choose one of {REORTH_MODES}")
+    # Beyond dim steps an orthogonal basis cannot grow; without re-orthogonalisation long runs are the
+    # classic way to expose ghosts (Cullum-Willoughby run 2-3 x dim steps), so they are allowed there.
+    if reorth != "none" and num_iters > op.dim:
+        raise ValueError(
+            f"num_iters={num_iters} exceeds the operator dimension {op.dim}; use at most dim "
+            f"(num_iters={op.dim}) with reorth={reorth!r}"
+        )
+    if tol is not None and not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0 or None for the default, got {tol!r}")
+    return num_iters
+
+
+def _start_vector(op: SymmetricOperator, start: Sequence[torch.Tensor] | None, probe: str, seed: int) -> TensorList:
+    """The unit start vector: ``start`` normalised, or a seeded probe."""
+    if start is None:
+        v = op.random_vector(probe, seed)
+    else:
+        v = V.clone(op.check_vector(start))
+    size = V.norm(v)
+    if not math.isfinite(size):
+        raise ValueError("the start vector has non-finite entries; pass a finite start vector")
+    if size == 0.0:
+        raise ValueError("the start vector is zero; pass a non-zero start vector (or start=None for a probe)")
+    V.scale_(1.0 / size, v)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- basis
+def _allocate_basis(q: TensorList, rows: int, offload: bool) -> list[torch.Tensor]:
+    """One ``(rows, numel)`` tensor per block, on the block's device or on the CPU when offloading."""
+    return [
+        torch.zeros((rows, b.numel()), dtype=b.dtype, device="cpu" if offload else b.device) for b in q
+    ]
+
+
+def _store_row(basis: list[torch.Tensor], row: int, q: TensorList) -> None:
+    for Qb, qb in zip(basis, q, strict=True):
+        Qb[row].copy_(qb.reshape(-1))
+
+
+def _rows_dot(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``rows @ w`` as float64, ``rows: (k, n)``, ``w: (n,)`` on the same device."""
+    if rows.dtype not in _HALF_DTYPES:
+        return (rows @ w).to(torch.float64)
+    out = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
+    for s in range(0, rows.shape[1], _HALF_CHUNK):
+        out += rows[:, s : s + _HALF_CHUNK].float() @ w[s : s + _HALF_CHUNK].float()
+    return out.to(torch.float64)
+
+
+def _rows_combination(coeffs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``coeffs @ rows`` in the dtype of ``rows``, ``coeffs: (k,)`` float64, ``rows: (k, n)``."""
+    if rows.dtype not in _HALF_DTYPES:
+        return coeffs.to(rows.dtype) @ rows
+    out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    c = coeffs.float()
+    for s in range(0, rows.shape[1], _HALF_CHUNK):
+        out[s : s + _HALF_CHUNK] = (c @ rows[:, s : s + _HALF_CHUNK].float()).to(rows.dtype)
+    return out
+
+
+def _basis_coefficients(basis: list[torch.Tensor], w: TensorList, k: int) -> torch.Tensor:
+    """``Q[:k] w`` summed over blocks in float64, on the device of the first basis block."""
+    home = basis[0].device
+    total = torch.zeros(k, dtype=torch.float64, device=home)
+    for Qb, wb in zip(basis, w, strict=True):
+        total += _rows_dot(Qb[:k], wb.reshape(-1).to(Qb.device)).to(home)
+    return total
+
+
+def _subtract_projection_(w: TensorList, basis: list[torch.Tensor], coeffs: torch.Tensor, k: int) -> None:
+    """In place ``w <- w - Q[:k]^T coeffs`` block by block."""
+    for Qb, wb in zip(basis, w, strict=True):
+        correction = _rows_combination(coeffs.to(Qb.device), Qb[:k])
+        wb.sub_(correction.reshape(wb.shape).to(wb.device))
+
+
+def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int) -> None:
+    """Remove from ``w`` its components along ``q_1..q_k``: classical Gram-Schmidt, twice.
+
+    One pass leaves components of order ``eps * kappa``; a second pass brings them to rounding level
+    ("twice is enough", Giraud et al. 2005). Each pass is two matrix products per block, no loop over
+    basis vectors and no host synchronisation.
+    """
+    for _ in range(2):
+        coeffs = _basis_coefficients(basis, w, k)
+        _subtract_projection_(w, basis, coeffs, k)
+
+
+def _orthogonality_loss(basis: list[torch.Tensor] | None, k: int) -> float:
+    """``max_{i != j} |q_i . q_j|`` over rows ``0..k-1`` of the basis, NaN without a basis."""
+    if basis is None or k < 2:
+        return math.nan if basis is None else 0.0
+    gram = torch.zeros((k, k), dtype=torch.float64)
+    for Qb in basis:
+        rows = Qb[:k]
+        if rows.dtype in _HALF_DTYPES:
+            rows = rows.float()
+        gram += (rows @ rows.T).to("cpu", torch.float64)
+    gram.fill_diagonal_(0.0)
+    return float(gram.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- state machine
+def lanczos_init(
+    op: SymmetricOperator,
+    num_iters: int,
+    reorth: str = "full",
+    seed: int = 0,
+    start: Sequence[torch.Tensor] | None = None,
+    probe: str = "rademacher",
+    tol: float | None = None,
+) -> LanczosState:
+    """Validate the configuration and build the state before the first step (see :func:`lanczos`)."""
+    num_iters = _check_config(op, num_iters, reorth, tol)
+    if start is None:
+        seed = check_seed(seed)
+    q = _start_vector(op, start, probe, seed)
+    state = LanczosState(
+        num_iters=num_iters,
+        reorth=reorth,
+        seed=None if start is not None else seed,
+        probe=CUSTOM_START if start is not None else probe,
+        tol=None if tol is None else float(tol),
+        rtol=default_breakdown_rtol(op.dtypes),
+        unit_roundoff=unit_roundoff(op.dtypes),
+        q=q,
+    )
+    if reorth != "none":
+        state.basis = _allocate_basis(q, num_iters + 1, offload=reorth == "offload")
+        _store_row(state.basis, 0, q)
+    return state
+
+
+def lanczos_step(op: SymmetricOperator, state: LanczosState) -> LanczosState:
+    """One Lanczos iteration: one product with ``H``; updates ``state`` in place and returns it.
+
+    Uses Paige's ordering (subtract :math:`\\beta_{j-1} q_{j-1}` before computing :math:`\\alpha_j`),
+    the most stable variant of the plain recurrence.
+
+    Raises
+    ------
+    ValueError
+        If the state is already finished, or the product with ``H`` has non-finite entries.
+    """
+    if state.done:
+        raise ValueError(
+            f"the Lanczos state is finished ({state.iteration} iterations, breakdown={state.breakdown}); "
+            "call lanczos_finish(state)"
+        )
+    j = state.iteration + 1  # 1-based number of this iteration
+    w = owned_matvec(op, state.q, keep=state.q_prev or ())
+    if state.q_prev is not None:
+        V.axpy_(-state.betas[-1], state.q_prev, w)
+    alpha = V.dot(state.q, w)
+    # Any inf/NaN entry of w makes q.w non-finite (0 * inf = NaN), so this one check covers H q.
+    if not math.isfinite(alpha):
+        raise ValueError(
+            f"the operator returned non-finite values at Lanczos iteration {j}; check the model/loss "
+            "(e.g. overflow in half precision) before running Lanczos"
+        )
+    V.axpy_(-alpha, state.q, w)
+    if state.basis is not None:
+        _reorthogonalise_(w, state.basis, j)
+    beta = V.norm(w)
+    if not math.isfinite(beta):
+        raise ValueError(f"the operator returned non-finite values at Lanczos iteration {j}")
+    state.alphas.append(alpha)
+    state.betas.append(beta)
+    state.iteration = j
+    if beta <= state.breakdown_tolerance():
+        # Invariant subspace found: T_j holds exact eigenvalues; there is no next direction.
+        state.breakdown = True
+        return state
+    state.q_prev, state.q = state.q, [wb / beta for wb in w]
+    if state.basis is not None:
+        _store_row(state.basis, j, state.q)
+    return state
+
+
+def lanczos_finish(state: LanczosState) -> LanczosResult:
+    """Eigen-decompose :math:`T_k` of the steps done so far (in float64) into a :class:`LanczosResult`."""
+    k = state.iteration
+    if k < 1:
+        raise ValueError("no Lanczos iteration has run yet; call lanczos_step(op, state) first")
+    alphas = np.asarray(state.alphas, dtype=np.float64)
+    betas = np.asarray(state.betas[: k - 1], dtype=np.float64)
+    last_beta = float(state.betas[-1])
+    values, vectors = tridiagonal_eigh(alphas, betas)
+    weights = vectors[0, :] ** 2
+    residuals = np.abs(last_beta * vectors[-1, :])
+    ghosts = cullum_willoughby_mask(
+        alphas, betas, values, unit_roundoff=state.unit_roundoff, residual_estimates=residuals
+    )
+    return LanczosResult(
+        alphas=alphas,
+        betas=betas,
+        ritz_values=values,
+        ritz_weights=weights / weights.sum(),
+        ghost_mask=ghosts,
+        residual_estimates=residuals,
+        orthogonality_loss=_orthogonality_loss(state.basis, k),
+        breakdown=state.breakdown,
+        num_iters=k,
+        last_beta=last_beta,
+        reorth=state.reorth,
+        seed=state.seed,
+        probe=state.probe,
+    )
+
+
+def lanczos(
+    op: SymmetricOperator,
+    num_iters: int,
+    reorth: str = "full",
+    seed: int = 0,
+    start: Sequence[torch.Tensor] | None = None,
+    probe: str = "rademacher",
+    progress: bool = True,
+    tol: float | None = None,
+    callback: Callable[[LanczosState], None] | None = None,
+) -> LanczosResult:
+    """Run ``num_iters`` Lanczos iterations on ``op`` and eigen-decompose the tridiagonal matrix.
+
+    Parameters
+    ----------
+    op : SymmetricOperator
+        The symmetric operator :math:`H` (dimension ``n = op.dim``).
+    num_iters : int
+        Number of iterations ``k`` (= products with ``H``). At most ``n`` with ``reorth="full"`` or
+        ``"offload"``; unrestricted with ``"none"``.
+    reorth : {"full", "offload", "none"}
+        ``"full"``: keep the basis, ``(num_iters + 1) x numel`` per block on the block's device, and
+        re-orthogonalise every new vector against it (two classical Gram-Schmidt passes as matrix
+        products). ``"offload"``: the same with the basis in CPU memory, so an accelerator holds O(1)
+        vectors. ``"none"``: plain recurrence with three vectors; expect ghosts in long runs.
+    seed : int
+        Seed of the start probe (ignored when ``start`` is given).
+    start : list of tensors, optional
+        Start vector (normalised here); default a ``probe`` vector drawn with ``seed``.
+    probe : {"rademacher", "gaussian"}
+        Distribution of the start probe.
+    progress : bool
+        Show a progress bar.
+    tol : float, optional
+        Absolute breakdown tolerance on :math:`\\beta_j`. Default: ``rtol * max_i(|alpha_i|, beta_i)``
+        with ``rtol = min(max(1e-10, 10 * eps), 1e-3)`` of the operator dtype (1e-10 in float64, 1.2e-6
+        in float32, 1e-3 in half precision).
+    callback : callable, optional
+        Called as ``callback(state)`` after every step (e.g. to checkpoint the :class:`LanczosState`).
+
+    Returns
+    -------
+    LanczosResult
+
+    Raises
+    ------
+    ValueError
+        For ``num_iters < 1``, ``num_iters > dim`` with a kept basis, an unknown ``reorth`` or ``probe``,
+        a zero or non-finite start vector, or a product with ``H`` that is not finite.
+    """
+    state = lanczos_init(op, num_iters, reorth=reorth, seed=seed, start=start, probe=probe, tol=tol)
+    return lanczos_resume(op, state, progress=progress, callback=callback)
+
+
+def lanczos_resume(
+    op: SymmetricOperator,
+    state: LanczosState,
+    progress: bool = True,
+    callback: Callable[[LanczosState], None] | None = None,
+) -> LanczosResult:
+    """Step ``state`` until it is done (e.g. after loading a checkpoint), then finish it."""
+    with tqdm(total=state.num_iters, initial=state.iteration, desc="lanczos", disable=not progress) as bar:
+        while not state.done:
+            lanczos_step(op, state)
+            bar.update(1)
+            if callback is not None:
+                callback(state)
+        if state.breakdown:
+            bar.set_postfix_str(f"breakdown at {state.iteration}")
+    return lanczos_finish(state)

@@ -1,0 +1,641 @@
+"""Command line: ``python -m hess_utils {prepare,reproduce,spectrum,diagonal,column} ...`` (``--help`` on each).
+
+``spectrum`` runs stochastic Lanczos quadrature of the loss Hessian of a causal LM, checkpointed in a run
+folder: re-running the same command resumes an interrupted run, or returns a finished one at once.
+``diagonal`` estimates the Hessian's diagonal (Hutchinson), ``column`` computes exact Hessian columns.
+
+Bad input prints ``error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "float16": "float16"}
+ENGINES = ("single", "device_map", "ddp", "fsdp")
+METHODS = ("auto", "rev-rev", "fwd-rev", "fd")
+DISTRIBUTED_ENGINES = ("ddp", "fsdp")
+
+#: Sizes of ``reproduce --quick`` (a smoke test of the main job).
+QUICK: dict[str, Any] = {"model": "tiny-gpt2", "seq_len": 32, "num_sequences": 2, "num_iters": 10}
+
+ENGINE_HELP = """\
+engines:
+  single      one process; the model on --device (default: cuda:0 if available, else cpu).
+  device_map  one process; the model split over all visible GPUs (and CPU) by accelerate's
+              device_map="auto". Weights offloaded to disk/meta are refused (they would drop out of
+              the Hessian). Exact methods work: accelerate's hooks keep double backward.
+  ddp         data parallel under torchrun, one process per device: every rank holds the whole model,
+              batches are dealt round-robin (rank r of W takes batches r, r+W, ...) and each H v is
+              all-reduced. The result does not depend on the number of ranks: when it does not divide
+              the number of batches some ranks do one batch more, and a rank with no batch contributes
+              zero (with a warning, since it wastes a device). Process group from torchrun's
+              environment: nccl with cuda:LOCAL_RANK when CUDA is available, else gloo on CPU.
+                torchrun --standalone --nproc_per_node=2 -m hess_utils spectrum --engine ddp ...
+  fsdp        like ddp, with the weights sharded by FSDP2 (fully_shard on every decoder block, then on
+              the whole model). Double backward does not survive FSDP, so H v is a central finite
+              difference of gradients: --method fd only (the default for this engine).
+"""
+
+RUN_HELP = """\
+run folder (--out) of spectrum:
+  config.json      the parameters that define the result; a re-run with other ones is refused
+  checkpoint.pt    resumable state (+ checkpoint.json with its sha256, basis/ with Lanczos basis rows)
+  ritz.csv         probe,value,weight,ghost,residual: one row per Ritz pair (written last)
+  tridiagonal.csv  probe,i,alpha,beta: the Lanczos matrices
+  probes.csv       per probe: seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts
+  density.csv      eigenvalue,density: Gaussian-smoothed density (sigma, a standard deviation, in run.json)
+  run.json         provenance (model, data, seed, versions, git commit, devices) and timings
+Re-running the same command resumes from the last checkpoint (same numbers as an uninterrupted run),
+or, when the run is finished, prints so and recomputes nothing. Re-plot with
+hess_utils.plotting.plot_spectrum_run(RUN_DIR, STEM).
+"""
+
+
+class CLIError(ValueError):
+    """Bad input on the command line (printed as ``error: ...``, exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by spectrum, diagonal and column: what Hessian, and where it is computed."""
+    g = p.add_argument_group("the Hessian")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="embedded model name (smollm2-135m, tiny-gpt2, ...), a hub id, or a local folder written by "
+                        "save_pretrained (config, weights and tokenizer) (default: %(default)s)")
+    g.add_argument("--data", default="wiki",
+                   help="embedded corpus (wiki, news, speeches, code), 'random' (uniform token ids), a datasets hub "
+                        "id, or a local text/json/csv/parquet file (default: %(default)s)")
+    g.add_argument("--split", default="train", choices=["train", "heldout"],
+                   help="which split of the corpus (default: %(default)s)")
+    g.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: %(default)s)")
+    g.add_argument("--num-sequences", type=int, default=4,
+                   help="sequences in the loss: the Hessian is that of their mean token loss, all of them in every "
+                        "product (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=2,
+                   help="sequences per forward pass; memory, not maths (default: %(default)s). Under ddp/fsdp the "
+                        "batches are what is dealt over ranks")
+    g.add_argument("--params", default=None,
+                   help="parameter selection: comma-separated names, globs (transformer.h.0.*) or module types "
+                        "(Linear) (default: all parameters)")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="dtype the model is loaded in; float64 for reference numbers (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the data sample and of the random probes (default: %(default)s)")
+    c = p.add_argument_group("how and where it is computed")
+    c.add_argument("--method", default=None, choices=METHODS,
+                   help="how H v is computed: rev-rev (exact, reverse over reverse), fwd-rev (exact, forward over "
+                        "reverse), fd (central finite differences of gradients), auto (rev-rev with a twice-"
+                        "differentiable attention kernel, fd for flash attention) (default: auto; fd for fsdp)")
+    c.add_argument("--engine", default="single", choices=ENGINES,
+                   help="where the products run: single, device_map, ddp or fsdp (see 'engines' below; ddp and "
+                        "fsdp run under torchrun) (default: %(default)s)")
+    c.add_argument("--device", default="auto",
+                   help="device of the single engine: auto (cuda:0 if available, else cpu), cpu, cuda, cuda:N. "
+                        "ddp/fsdp use cuda:LOCAL_RANK with CUDA unless this is cpu; device_map ignores it "
+                        "(default: %(default)s)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None,
+                   help="run folder (default: runs/COMMAND-MODEL-DATA-seedN-HASH, HASH naming the options that define "
+                        "the result, so the same command always finds its folder)")
+    o.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_spectrum_args(p: argparse.ArgumentParser) -> None:
+    _add_common_args(p)
+    s = p.add_argument_group("stochastic Lanczos quadrature")
+    s.add_argument("--num-iters", type=int, default=30,
+                   help="Lanczos iterations per probe = Ritz values per probe = products with H per probe "
+                        "(default: %(default)s)")
+    s.add_argument("--probes", type=int, default=1,
+                   help="independent random start vectors (SLQ probes); probe p uses seed*1000003+p "
+                        "(default: %(default)s)")
+    s.add_argument("--probe-kind", default="rademacher", choices=["rademacher", "gaussian"],
+                   help="distribution of the start vectors (default: %(default)s)")
+    s.add_argument("--reorth", default="full", choices=["none", "full", "offload"],
+                   help="re-orthogonalisation: none (three vectors; ghosts appear, flagged in ritz.csv), full (basis "
+                        "on the device), offload (basis in CPU memory) (default: %(default)s)")
+    s.add_argument("--checkpoint-every", type=int, default=10,
+                   help="save the run every N Lanczos iterations (and after every probe); 0: after every probe "
+                        "only. A save writes the basis rows added since the last one (default: %(default)s)")
+
+
+def _add_diagonal_args(p: argparse.ArgumentParser) -> None:
+    _add_common_args(p)
+    s = p.add_argument_group("Hutchinson diagonal")
+    s.add_argument("--probes", type=int, default=100,
+                   help="random probes v; the estimate is the mean of v * (H v), its standard error falls like "
+                        "1/sqrt(probes) (default: %(default)s)")
+    s.add_argument("--probe-kind", default="rademacher", choices=["rademacher", "gaussian"],
+                   help="distribution of the probes (default: %(default)s)")
+
+
+def _add_column_args(p: argparse.ArgumentParser) -> None:
+    _add_common_args(p)
+    s = p.add_argument_group("Hessian columns")
+    s.add_argument("--index", type=int, nargs="+", default=[0],
+                   help="global parameter indices (parameters in model order, each flattened row-major); one "
+                        "product H e_i per index (default: 0)")
+    s.add_argument("--relative", action="store_true",
+                   help="threshold table of |H_ij| / max_j |H_ij| instead of |H_ij|")
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m hess_utils", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("prepare", help="prepare the embedded corpora and models (idempotent; cached under data/)",
+                   description="Build the embedded corpora, tokenizers and models under data/ (cached).")
+    rep = sub.add_parser("reproduce", help="the main job on the embedded defaults (figures under figures/)",
+                         description="The main job: the SLQ spectrum of smollm2-135m on wiki (a checkpointed run "
+                                     "in runs/reproduce-spectrum, so a re-run is instant), plotted under figures/.")
+    rep.add_argument("--quick", action="store_true",
+                     help="tiny sizes (tiny-gpt2, 2 x 32 tokens, 10 iterations; run folder "
+                          "runs/reproduce-spectrum-quick), for a smoke test")
+    spec = sub.add_parser("spectrum", help="SLQ spectrum of the loss Hessian, checkpointed; writes ritz.csv, run.json",
+                          description="Stochastic Lanczos quadrature of the Hessian of a causal LM's mean token loss, "
+                                      "checkpointed and resumable.", epilog=ENGINE_HELP + "\n" + RUN_HELP,
+                          formatter_class=fmt)
+    _add_spectrum_args(spec)
+    diag = sub.add_parser("diagonal", help="Hutchinson estimate of the Hessian diagonal, with standard errors",
+                          description="Hutchinson estimate of diag(H): writes diagonal.safetensors (estimate.NAME and "
+                                      "stderr.NAME, float64), diagonal.csv (one summary row per parameter) and "
+                                      "run.json.", epilog=ENGINE_HELP, formatter_class=fmt)
+    _add_diagonal_args(diag)
+    col = sub.add_parser("column", help="exact Hessian columns H e_i and their threshold tables",
+                         description="Columns H e_i: writes columns.safetensors (column.I, float64), columns.csv (one "
+                                     "row per column), thresholds.csv (fraction of entries below 1e-12 ... 1e-1) and "
+                                     "run.json.", epilog=ENGINE_HELP, formatter_class=fmt)
+    _add_column_args(col)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+def _method(args: argparse.Namespace) -> str:
+    """The requested method, with the engine's default and its restrictions."""
+    method = getattr(args, "method", None)
+    if args.engine == "fsdp":
+        if method not in (None, "fd"):
+            raise CLIError(f"--engine fsdp computes H v by finite differences only (double backward does not survive "
+                           f"FSDP), so --method {method} is not possible: use --method fd (the default for fsdp), or "
+                           "--engine ddp/device_map for an exact method")
+        return "fd"
+    return method or "auto"
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers before anything is loaded."""
+    positive = {"seq_len": 2, "num_sequences": 1, "batch_size": 1}
+    if args.command == "spectrum":
+        positive.update(num_iters=1, probes=1)
+    if args.command == "diagonal":
+        positive.update(probes=1)
+    for name, minimum in positive.items():
+        if getattr(args, name) < minimum:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if getattr(args, "checkpoint_every", 0) < 0:
+        raise CLIError(f"--checkpoint-every must be >= 0 (0: only after every probe), got {args.checkpoint_every}")
+    if args.command == "column" and any(i < 0 for i in args.index):
+        raise CLIError(f"--index values must be >= 0, got {args.index}")
+    _method(args)
+    if args.engine in DISTRIBUTED_ENGINES and not _launched_by_torchrun():
+        raise CLIError(f"--engine {args.engine} runs one process per device under torchrun (RANK and WORLD_SIZE are "
+                       f"not set): torchrun --standalone --nproc_per_node=N -m hess_utils {args.command} "
+                       f"--engine {args.engine} ...")
+    if args.engine == "device_map" and args.device != "auto":
+        raise CLIError("--device does not apply to --engine device_map (accelerate places the model); leave it out")
+
+
+def _launched_by_torchrun() -> bool:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that define a command's result (stored in config.json, compared on re-runs).
+
+    Output and display options (``--out``, ``--no-progress``, ``--checkpoint-every``) and ``--device`` are not part
+    of it; the engine is, since it changes the order of floating-point sums.
+    """
+    cfg: dict[str, Any] = {
+        "command": args.command, "model": args.model, "data": args.data, "split": args.split, "seq_len": args.seq_len,
+        "num_sequences": args.num_sequences, "batch_size": args.batch_size, "params": args.params,
+        "dtype": args.dtype, "seed": args.seed, "method": _method(args), "engine": args.engine, "reduction": "mean",
+    }
+    if args.command == "spectrum":
+        cfg.update(num_iters=args.num_iters, num_probes=args.probes, probe=args.probe_kind, reorth=args.reorth)
+    elif args.command == "diagonal":
+        cfg.update(num_probes=args.probes, probe=args.probe_kind)
+    elif args.command == "column":
+        cfg.update(index=list(args.index), relative=bool(args.relative))
+    return cfg
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    """``runs/COMMAND-MODEL-DATA-seedN-HASH`` where HASH is a digest of :func:`run_config`."""
+    digest = hashlib.sha256(json.dumps(run_config(args), sort_keys=True).encode()).hexdigest()[:8]
+    model = Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model.replace("/", "_")
+    data = Path(args.data).name if Path(args.data).expanduser().exists() else args.data.replace("/", "_")
+    return Path("runs") / f"{args.command}-{model}-{data}-seed{args.seed}-{digest}"
+
+
+def _rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say(message: str) -> None:
+    """Print on rank 0 only."""
+    from hess_utils.operators.engines.ddp import is_main_process
+
+    if is_main_process() and _rank_from_env() == 0:
+        print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- engines
+@dataclass
+class Setup:
+    """A loaded model, its batches and the Hessian operator of one engine."""
+
+    model: Any
+    op: Any
+    engine: str
+    device: str
+    world_size: int = 1
+    rank: int = 0
+    backend: str | None = None
+    rank_devices: list[str] = field(default_factory=list)
+    load_s: float = 0.0
+    owns_process_group: bool = False
+
+    def close(self, barrier: bool = True) -> None:
+        """Destroy the process group if this setup created it (after a barrier, unless a rank failed)."""
+        if self.owns_process_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                if barrier:  # no rank tears gloo/nccl down while another still talks to it
+                    dist.barrier()
+                dist.destroy_process_group()
+            self.owns_process_group = False
+
+
+class _Closing(AbstractContextManager):
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+
+    def __enter__(self) -> Setup:
+        return self.setup
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.setup.close(barrier=exc_type is None)  # a failed rank must not wait for the others
+
+
+def _single_device(spec: str) -> str:
+    import torch
+
+    if spec == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {spec}: no CUDA device is visible; use --device cpu")
+    try:
+        return str(torch.device(spec))
+    except RuntimeError as err:
+        raise CLIError(f"--device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from err
+
+
+def _init_distributed(device_spec: str) -> tuple[str, bool]:
+    """Initialise the process group from torchrun's environment; returns ``(device, created)``."""
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and device_spec != "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if dist.is_initialized():
+        return device, False
+    if use_cuda:
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return device, True
+
+
+def decoder_blocks(model: Any) -> list[Any]:
+    """The model's repeated transformer blocks (FSDP wrap units): modules whose class is in ``_no_split_modules``,
+    else the children of its longest ``ModuleList``."""
+    import torch
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def build(args: argparse.Namespace) -> Setup:
+    """Load the model and batches and build the operator of ``args.engine`` (initialising torch.distributed)."""
+    import torch
+
+    from hess_utils.data import load_batches
+    from hess_utils.models import load_model
+
+    t0 = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
+    method = _method(args)
+    params = [s.strip() for s in args.params.split(",") if s.strip()] if args.params else None
+    setup_kw: dict[str, Any] = {}
+    if args.engine in DISTRIBUTED_ENGINES:
+        import torch.distributed as dist
+
+        device, created = _init_distributed(args.device)
+        setup_kw.update(owns_process_group=created, world_size=dist.get_world_size(), rank=dist.get_rank(),
+                        backend=str(dist.get_backend()))
+    elif args.engine == "single":
+        device = _single_device(args.device)
+    else:
+        device = "auto"
+    try:
+        if args.engine == "device_map":
+            model, tokenizer = load_model(args.model, dtype=dtype, device_map="auto")
+        else:
+            model, tokenizer = load_model(args.model, dtype=dtype)
+            model = model.to(device)
+        batches = load_batches(args.data, tokenizer, seq_len=args.seq_len, num_sequences=args.num_sequences,
+                               batch_size=args.batch_size, split=args.split, seed=args.seed)
+        if args.engine in ("single", "device_map"):
+            from hess_utils.operators.engines import check_materialised
+            from hess_utils.operators.hessian import hessian_operator
+
+            check_materialised(model)
+            op = hessian_operator(model, batches, params=params, method=method, progress=False)
+            devices = sorted({str(p.device) for p in model.parameters()})
+            device = ",".join(devices)
+        elif args.engine == "ddp":
+            from hess_utils.operators.engines import DataParallelHessianOperator
+
+            op = DataParallelHessianOperator(model, batches, params=params, method=method, progress=False)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            from hess_utils.operators.engines import FSDPHessianOperator
+
+            blocks = decoder_blocks(model)
+            if not blocks:
+                raise CLIError(f"cannot find the decoder blocks of {type(model).__name__} to shard with FSDP")
+            for block in blocks:
+                fully_shard(block)
+            fully_shard(model)
+            op = FSDPHessianOperator(model, batches, params=params)
+        setup = Setup(model=model, op=op, engine=args.engine, device=device, **setup_kw)
+        if args.engine in DISTRIBUTED_ENGINES:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * setup.world_size
+            dist.all_gather_object(gathered, device)
+            setup.rank_devices = [str(d) for d in gathered]
+        else:
+            setup.rank_devices = [device]
+        setup.load_s = time.perf_counter() - t0
+        return setup
+    except BaseException:
+        if setup_kw.get("owns_process_group"):
+            Setup(model=None, op=None, engine=args.engine, device=device, owns_process_group=True).close(barrier=False)
+        raise
+
+
+def _record(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
+    """The run.json fields every command shares (computed on every rank: the loss is a collective)."""
+    op = setup.op
+    return {
+        "command": args.command, "model": args.model, "data": args.data, "split": args.split, "seed": args.seed,
+        "parameters": {k: v for k, v in vars(args).items() if k != "command"},
+        "model_provenance": getattr(setup.model, "hess_provenance", None), "dim": op.dim, "method": op.method,
+        "num_tokens": op.num_tokens, "loss": op.loss(), "engine": setup.engine, "world_size": setup.world_size,
+        "backend": setup.backend, "rank_devices": setup.rank_devices,
+        "num_batches": -(-args.num_sequences // args.batch_size),
+    }
+
+
+def _describe(args: argparse.Namespace, setup: Setup) -> None:
+    op = setup.op
+    where = f"{setup.engine} on {setup.device}" if setup.world_size == 1 else (
+        f"{setup.engine} over {setup.world_size} ranks ({setup.backend}: {', '.join(setup.rank_devices)})")
+    _say(f"model {args.model}: {op.dim:,} parameters in the Hessian; data {args.data}: {args.num_sequences} x "
+         f"{args.seq_len} tokens; method {op.method}; engine {where}")
+
+
+def _finished_before_loading(out: Path, config: dict[str, Any], marker: str) -> bool:
+    """True if ``out`` holds this finished run (checked on the options alone, before loading anything).
+
+    Raises the mismatch error early too, naming the differing options; keys only known once the model is
+    loaded (its dimension, dtype and parameter names) are checked later by :mod:`hess_utils.checkpoint`.
+    """
+    from hess_utils import runs
+
+    saved = runs.load_config(out)
+    if saved is None:
+        return False
+    mismatches = [(k, o, n) for k, o, n in runs.config_mismatches(saved, config) if k in config]
+    if mismatches:
+        details = "; ".join(f"{k}: {o!r} (saved) != {n!r} (now)" for k, o, n in mismatches)
+        raise CLIError(f"run folder {out} holds a different run: {details}. Use another --out folder, or delete {out} "
+                       "to start over")
+    return (out / marker).exists()
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def run_spectrum(args: argparse.Namespace) -> Path:
+    """Load, sample, build the operator, run checkpointed SLQ, save the run folder; returns it.
+
+    A finished run folder for the same options is returned at once (nothing loaded); an interrupted one is
+    resumed from its last checkpoint.
+    """
+    from hess_utils import checkpoint
+
+    _check_args(args)
+    out = Path(args.out) if args.out else default_out(args)
+    config = run_config(args)
+    if _finished_before_loading(out, config, "ritz.csv"):
+        checkpoint.load_slq_result(out)  # verifies the checkpoint's digest
+        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+        return out
+    with _Closing(build(args)) as setup:
+        op = setup.op
+        _describe(args, setup)
+        t1 = time.perf_counter()
+        result = checkpoint.run_slq(
+            op, num_iters=args.num_iters, num_probes=args.probes, run_dir=out, reorth=args.reorth, seed=args.seed,
+            probe=args.probe_kind, checkpoint_every=args.checkpoint_every, config=config,
+            progress=not args.no_progress,
+            record=lambda: {**_record(args, setup), "timings": {"load_s": setup.load_s}},
+        )
+        elapsed = time.perf_counter() - t1
+        top = max(float(r.ritz_values.max()) for r in result.runs)
+        _say(f"SLQ done in {elapsed:.1f} s ({op.num_matvecs} Hessian-vector products in this session); largest Ritz "
+             f"value {top:.6g}; run folder {out}")
+    return out
+
+
+def _save_safetensors(path: Path, tensors: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from hess_utils import _io
+
+    with _io.atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def run_diagonal(args: argparse.Namespace) -> Path:
+    """Hutchinson diagonal estimate; writes diagonal.safetensors, diagonal.csv and run.json; returns the folder."""
+    import numpy as np
+    import pandas as pd
+
+    from hess_utils import checkpoint, runs
+    from hess_utils.algorithms import hutchinson_diagonal
+    from hess_utils.operators.engines.ddp import is_main_process
+
+    _check_args(args)
+    out = Path(args.out) if args.out else default_out(args)
+    config = run_config(args)
+    if _finished_before_loading(out, config, "diagonal.csv"):
+        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+        return out
+    with _Closing(build(args)) as setup:
+        op = setup.op
+        _describe(args, setup)
+        writer = is_main_process()
+        full = {**config, **checkpoint.operator_fingerprint(op)}
+        checkpoint.check_run_folder(out, full, "diagonal.csv", writer)
+        t1 = time.perf_counter()
+        res = hutchinson_diagonal(op, num_probes=args.probes, seed=args.seed, probe=args.probe_kind,
+                                  progress=not args.no_progress and writer)
+        compute_s = time.perf_counter() - t1
+        record = _record(args, setup)
+        if writer:
+            tensors = {}
+            rows = []
+            for name, est, err in zip(op.param_names, res.estimate, res.stderr, strict=True):
+                tensors[f"estimate.{name}"], tensors[f"stderr.{name}"] = est, err
+                e, s = est.detach().double().cpu().numpy(), err.detach().double().cpu().numpy()
+                rows.append({"param": name, "numel": e.size, "sum": float(e.sum()), "mean": float(e.mean()),
+                             "mean_abs": float(np.abs(e).mean()), "min": float(e.min()), "max": float(e.max()),
+                             "mean_stderr": float(np.mean(s)) if s.size else float("nan")})
+            _save_safetensors(out / "diagonal.safetensors", tensors)
+            frame = pd.DataFrame(rows)
+            trace = float(frame["sum"].sum())
+            runs.save_run_json(out, runs.provenance(
+                **record, kind="diagonal", config=full, num_probes=res.num_probes, probe=res.probe,
+                trace_from_diagonal=trace, timings={"load_s": setup.load_s, "compute_s": compute_s,
+                                                    "matvecs": op.num_matvecs},
+                files={"estimate_and_stderr": "diagonal.safetensors", "summary": "diagonal.csv"}))
+            runs.save_table(out, "diagonal.csv", frame)
+        _say(f"diagonal of {op.dim:,} entries from {res.num_probes} probes in {compute_s:.1f} s; sum (trace estimate) "
+             f"{sum(float(b.sum()) for b in res.estimate):.6g}; run folder {out}")
+    return out
+
+
+def run_column(args: argparse.Namespace) -> Path:
+    """Exact Hessian columns; writes columns.safetensors, columns.csv, thresholds.csv, run.json; returns the folder."""
+    import numpy as np
+    import pandas as pd
+
+    from hess_utils import checkpoint, runs
+    from hess_utils.algorithms.columns import hessian_column, threshold_table
+    from hess_utils.operators.engines.ddp import is_main_process
+
+    _check_args(args)
+    out = Path(args.out) if args.out else default_out(args)
+    config = run_config(args)
+    if _finished_before_loading(out, config, "thresholds.csv"):
+        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+        return out
+    with _Closing(build(args)) as setup:
+        op = setup.op
+        _describe(args, setup)
+        bad = [i for i in args.index if i >= op.dim]
+        if bad:
+            raise CLIError(f"--index {bad[0]} is out of range: the Hessian has dimension {op.dim:,} (indices 0.."
+                           f"{op.dim - 1})")
+        writer = is_main_process()
+        full = {**config, **checkpoint.operator_fingerprint(op)}
+        checkpoint.check_run_folder(out, full, "thresholds.csv", writer)
+        t1 = time.perf_counter()
+        columns = [hessian_column(op, i) for i in args.index]
+        compute_s = time.perf_counter() - t1
+        record = _record(args, setup)
+        if writer:
+            import torch
+
+            _save_safetensors(out / "columns.safetensors",
+                              {f"column.{c.index}": torch.from_numpy(c.values) for c in columns})
+            summary = pd.DataFrame([{"index": c.index, "param": c.param_name, "local_index": c.local_index,
+                                     "diagonal": c.diagonal, "norm": float(np.linalg.norm(c.values)),
+                                     "max_abs": float(np.abs(c.values).max())} for c in columns])
+            runs.save_table(out, "columns.csv", summary)
+            runs.save_run_json(out, runs.provenance(
+                **record, kind="column", config=full, relative=bool(args.relative),
+                timings={"load_s": setup.load_s, "compute_s": compute_s, "matvecs": op.num_matvecs},
+                files={"columns": "columns.safetensors", "summary": "columns.csv", "thresholds": "thresholds.csv"}))
+            runs.save_table(out, "thresholds.csv", threshold_table(columns, relative=args.relative))
+        _say(f"{len(columns)} column(s) in {compute_s:.1f} s; run folder {out}")
+    return out
+
+
+def reproduce(quick: bool = False) -> None:
+    """The main job: the embedded model's spectrum (checkpointed, so a re-run is instant), figure under figures/."""
+    from hess_utils.paths import figures_dir
+    from hess_utils.plotting import plot_spectrum_run
+
+    args = _parser().parse_args(["spectrum"])
+    args.out = "runs/reproduce-spectrum"
+    if quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+        args.out = "runs/reproduce-spectrum-quick"
+    start = time.perf_counter()
+    run_dir = run_spectrum(args)
+    paths = plot_spectrum_run(run_dir, figures_dir() / f"spectrum_{args.model}_{args.data}")
+    print(f"figures: {', '.join(str(p) for p in paths)}; total {time.perf_counter() - start:.0f} s", flush=True)
+
+
+COMMANDS = {"spectrum": run_spectrum, "diagonal": run_diagonal, "column": run_column}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input, with ``error: ...`` on stderr)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            from hess_utils import data, models
+
+            data.prepare_all()
+            models.prepare_all()
+        elif args.command == "reproduce":
+            reproduce(quick=args.quick)
+        else:
+            COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, IndexError, NotADirectoryError, PermissionError,
+            FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume from the last checkpoint", file=sys.stderr, flush=True)
+        return 130
+    return 0

@@ -1,0 +1,276 @@
+"""Run folders: results with their provenance, written atomically, re-plottable without recomputing.
+
+A spectrum run folder (written by :func:`hess_utils.checkpoint.run_slq`) holds
+
+``config.json``
+    The parameters that define the result (see :func:`hess_utils.checkpoint.slq_config`).
+``checkpoint.pt``, ``checkpoint.json``, ``basis/``
+    The resumable state (see :mod:`hess_utils.checkpoint`); kept at the end, small once every probe is done.
+``ritz.csv``
+    One row per Ritz pair: ``probe, value, weight, ghost, residual`` (weights sum to 1 per probe). Written
+    last: its presence marks a finished run.
+``tridiagonal.csv``
+    ``probe, i, alpha, beta``: row ``i`` (0-based) of each probe's Lanczos matrix ``T``; ``beta`` couples rows
+    ``i`` and ``i + 1``, so it is empty on each probe's last row (that residual norm is ``last_beta`` in
+    ``probes.csv``).
+``probes.csv``
+    One row per probe: ``probe, seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts``.
+``density.csv``
+    ``eigenvalue, density``: the Gaussian-smoothed spectral density with the default kernel width; the
+    kernel's **standard deviation** ``sigma`` is in ``run.json`` under ``density``.
+``run.json``
+    Provenance (model, data, seed, package versions, git commit, devices) and timings.
+
+All CSV floats are written with Python's shortest round-trip representation, so reading them back gives
+the same float64 bits.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from hess_utils import _io
+from hess_utils.paths import repo_root
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from hess_utils.algorithms.density import DensityResult
+    from hess_utils.algorithms.slq import SLQResult
+
+RITZ_FILE = "ritz.csv"
+TRIDIAGONAL_FILE = "tridiagonal.csv"
+PROBES_FILE = "probes.csv"
+DENSITY_FILE = "density.csv"
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.json"
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "accelerate", "datasets", "numpy", "scipy", "hess_utils"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout, with ``-dirty`` if it has uncommitted changes; None outside git."""
+    try:
+        root = repo_root()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True,
+                               timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_list() -> list[str]:
+    """The devices this process can see."""
+    devices = [f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def provenance(**fields: Any) -> dict[str, Any]:
+    """A provenance record: the given fields (model, data, seed, parameters...) plus versions, commit, devices."""
+    return {
+        **fields,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "devices": device_list(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def normalise_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as it reads back from JSON (tuples become lists, unknown objects strings)."""
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def config_mismatches(saved: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for every key whose values differ (``"<absent>"`` when missing)."""
+    saved, new = normalise_config(saved), normalise_config(new)
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        old_value, new_value = saved.get(key, "<absent>"), new.get(key, "<absent>")
+        if old_value != new_value:
+            out.append((key, old_value, new_value))
+    return out
+
+
+def save_config(run_dir: str | Path, config: dict[str, Any]) -> Path:
+    """``config.json``, written atomically."""
+    return _io.write_json(Path(run_dir) / CONFIG_FILE, normalise_config(config))
+
+
+def load_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's ``config.json``, or None when the folder has none.
+
+    Raises
+    ------
+    ValueError
+        If the file exists but is not valid JSON.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); delete the run folder {run_dir} to start over") from err
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def save_table(run_dir: str | Path, name: str, frame: pd.DataFrame) -> Path:
+    """``run_dir/name`` as CSV (no index), written atomically."""
+    target = Path(run_dir) / name
+    with _io.atomic_path(target) as tmp:
+        frame.to_csv(tmp, index=False)
+    return target
+
+
+def save_ritz_table(run_dir: str | Path, frame: pd.DataFrame) -> Path:
+    """``ritz.csv`` with columns ``probe,value,weight`` (plus any others), written atomically."""
+    return save_table(run_dir, RITZ_FILE, frame)
+
+
+def save_run_json(run_dir: str | Path, record: dict[str, Any]) -> Path:
+    """``run.json`` (provenance and timings), written atomically."""
+    return _io.write_json(Path(run_dir) / RUN_FILE, record)
+
+
+def ritz_frame(result: SLQResult) -> pd.DataFrame:
+    """One row per Ritz pair: ``probe, value, weight, ghost, residual``; padding of short runs dropped."""
+    import pandas as pd
+
+    rows = []
+    for p in range(result.num_probes):
+        k = int(result.iterations[p])
+        rows.append(pd.DataFrame({
+            "probe": np.full(k, p, dtype=np.int64),
+            "value": result.ritz_values[p, :k],
+            "weight": result.ritz_weights[p, :k],
+            "ghost": result.ghost_masks[p, :k],
+            "residual": result.residual_estimates[p, :k],
+        }))
+    return pd.concat(rows, ignore_index=True)
+
+
+def tridiagonal_frame(result: SLQResult) -> pd.DataFrame:
+    """``probe, i, alpha, beta`` for every row of every probe's ``T`` (``beta`` NaN on the last row)."""
+    import pandas as pd
+
+    rows = []
+    for p, run in enumerate(result.runs):
+        k = run.num_iters
+        beta = np.full(k, np.nan)
+        beta[: k - 1] = run.betas
+        rows.append(pd.DataFrame({"probe": np.full(k, p, dtype=np.int64), "i": np.arange(k), "alpha": run.alphas,
+                                  "beta": beta}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def probes_frame(result: SLQResult) -> pd.DataFrame:
+    """One row per probe: ``probe, seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts``."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        "probe": np.arange(result.num_probes),
+        "seed": [r.seed for r in result.runs],
+        "iterations": [r.num_iters for r in result.runs],
+        "breakdown": [r.breakdown for r in result.runs],
+        "last_beta": [r.last_beta for r in result.runs],
+        "orthogonality_loss": [r.orthogonality_loss for r in result.runs],
+        "ghosts": [int(r.ghost_mask.sum()) for r in result.runs],
+    })
+
+
+def density_frame(density: DensityResult) -> pd.DataFrame:
+    """``eigenvalue, density`` of a smoothed density (its sigma, a standard deviation, goes to run.json)."""
+    import pandas as pd
+
+    return pd.DataFrame({"eigenvalue": density.grid, "density": density.density})
+
+
+def save_slq_tables(run_dir: str | Path, result: SLQResult) -> dict[str, Any]:
+    """Write ``tridiagonal.csv``, ``probes.csv`` and ``density.csv`` (not ``ritz.csv``, written last by the caller).
+
+    Returns
+    -------
+    dict
+        What ``run.json`` should say about the density: ``sigma`` (standard deviation of the Gaussian kernel),
+        ``mass_on_grid``, ``num_points``; or the reason it was skipped.
+    """
+    from hess_utils.algorithms.density import gaussian_density
+
+    save_table(run_dir, TRIDIAGONAL_FILE, tridiagonal_frame(result))
+    save_table(run_dir, PROBES_FILE, probes_frame(result))
+    try:
+        density = gaussian_density(result)
+    except ValueError as err:  # e.g. all Ritz values equal: no spread to scale the default sigma by
+        return {"skipped": str(err)}
+    save_table(run_dir, DENSITY_FILE, density_frame(density))
+    return {"file": DENSITY_FILE, "kernel": "gaussian", "sigma": density.sigma,
+            "sigma_is": "the standard deviation of the Gaussian kernel (not a variance)",
+            "mass_on_grid": density.mass_on_grid, "num_points": int(density.grid.size)}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_run(run_dir: str | Path):
+    """``(ritz DataFrame, run.json dict)`` of a saved run, for re-plotting without recomputing."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RITZ_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} holds no ritz.csv: not a finished spectrum run")
+    record_path = run_dir / RUN_FILE
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.exists() else {}
+    return pd.read_csv(run_dir / RITZ_FILE), record
+
+
+def load_table(run_dir: str | Path, name: str) -> pd.DataFrame:
+    """A CSV table of a run folder (``"tridiagonal.csv"``, ``"density.csv"``, ...)."""
+    import pandas as pd
+
+    path = Path(run_dir) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the run is not finished, or is not this kind of run")
+    return pd.read_csv(path)
+
+
+def load_tridiagonals(run_dir: str | Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(alphas, betas), ...]`` per probe from ``tridiagonal.csv`` (float64, exactly as computed)."""
+    frame = load_table(run_dir, TRIDIAGONAL_FILE)
+    out = []
+    for _, rows in frame.groupby("probe", sort=True):
+        rows = rows.sort_values("i")
+        alphas = rows["alpha"].to_numpy(np.float64)
+        betas = rows["beta"].to_numpy(np.float64)[:-1]
+        out.append((alphas, betas))
+    return out
+
+
+def finite_or_none(x: float) -> float | None:
+    """``x`` for JSON: None instead of NaN or infinity (JSON has neither)."""
+    return float(x) if x is not None and math.isfinite(x) else None
