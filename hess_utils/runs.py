@@ -274,3 +274,68 @@ def load_tridiagonals(run_dir: str | Path) -> list[tuple[np.ndarray, np.ndarray]
 def finite_or_none(x: float) -> float | None:
     """``x`` for JSON: None instead of NaN or infinity (JSON has neither)."""
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+# ---------------------------------------------------------------------------------------------- cached results
+DONE_FILE = "done.json"
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """A short, stable digest of a configuration (8 hex digits of the sha256 of its sorted JSON)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(normalise_config(config), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def result_dir(base: str | Path, name: str, config: dict[str, Any]) -> Path:
+    """``base/name-DIGEST``: one folder per configuration, so the same parameters always find their results."""
+    return Path(base) / f"{name}-{config_digest(config)}"
+
+
+def cached_tables(
+    run_dir: str | Path,
+    config: dict[str, Any],
+    compute: Any,
+    **record: Any,
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Tables computed once and re-read afterwards: ``({name: DataFrame}, run.json dict)``.
+
+    If ``run_dir`` holds a finished result of this ``config`` (``config.json`` equal, ``done.json`` present),
+    its CSV tables are read back and nothing is computed. Otherwise ``compute()`` runs; it returns
+    ``{name: DataFrame}`` or ``({name: DataFrame}, extra_record)``. Each table is written as ``name.csv``,
+    then ``run.json`` (``record``, ``extra_record``, provenance and the compute time), then ``done.json`` last,
+    each atomically, so an interrupted run is recomputed, never half-read.
+
+    Raises
+    ------
+    ValueError
+        If ``run_dir`` holds a result of another configuration (each mismatch named).
+    """
+    import time
+
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    saved = load_config(run_dir)
+    if saved is not None and config_mismatches(saved, config):
+        details = "; ".join(f"{k}: {o!r} (saved) != {n!r} (now)" for k, o, n in config_mismatches(saved, config))
+        raise ValueError(f"{run_dir} holds a result of other parameters: {details}. Use another folder (see "
+                         "result_dir) or delete it to recompute")
+    done = run_dir / DONE_FILE
+    if saved is not None and done.exists():
+        names = json.loads(done.read_text(encoding="utf-8"))["tables"]
+        tables = {name: pd.read_csv(run_dir / f"{name}.csv") for name in names}
+        run = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+        return tables, run
+    save_config(run_dir, config)
+    start = time.perf_counter()
+    out = compute()
+    tables, extra = (out if isinstance(out, tuple) else (out, {}))
+    seconds = time.perf_counter() - start
+    for name, frame in tables.items():
+        save_table(run_dir, f"{name}.csv", frame)
+    run = provenance(**record, **extra, config=normalise_config(config), compute_seconds=seconds,
+                     tables=sorted(tables))
+    save_run_json(run_dir, run)
+    _io.write_json(done, {"tables": sorted(tables)})
+    return tables, normalise_config(run)

@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -332,3 +333,22 @@ def test_data_parallel_run_resumes_on_every_rank(tmp_path):
     ref = slq(_operator(), ITERS, PROBES, seed=SEED, progress=False)
     assert np.abs(got[0]["ritz"] - ref.ritz_values).max() < 1e-8 * np.abs(ref.ritz_values).max()
     assert (tmp_path / "resumed" / "ritz.csv").exists()
+
+
+def test_cached_tables_compute_once_and_refuse_other_config(tmp_path):
+    calls = []
+    def compute():
+        calls.append(1)
+        return {"a": pd.DataFrame({"x": [0.1, 0.2]})}, {"note": "hi"}
+    folder = runs.result_dir(tmp_path, "demo", {"k": 1})
+    t1, r1 = runs.cached_tables(folder, {"k": 1}, compute, model="m")
+    t2, r2 = runs.cached_tables(folder, {"k": 1}, compute, model="m")
+    assert len(calls) == 1
+    assert t2["a"]["x"].tolist() == [0.1, 0.2] and r2["model"] == "m" and r2["note"] == "hi"
+    assert "versions" in r2 and r2["config"] == {"k": 1}
+    assert runs.result_dir(tmp_path, "demo", {"k": 2}) != folder
+    with pytest.raises(ValueError, match="k: 1 \\(saved\\) != 2"):
+        runs.cached_tables(folder, {"k": 2}, compute)
+    (folder / "done.json").unlink()  # an interrupted run is recomputed
+    runs.cached_tables(folder, {"k": 1}, compute)
+    assert len(calls) == 2
