@@ -111,7 +111,8 @@ def test_device_map_hooks_keep_double_backward():
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     device_map = {"transformer.wte": devices[0], "transformer.wpe": devices[0], "transformer.h": devices[-1],
                   "transformer.ln_f": devices[-1], "lm_head": devices[0]}
-    dispatched = dispatch_model(tiny_model("gpt2"), device_map=device_map, force_hooks=True)
+    # main_device="cpu": with a GPU main device accelerate would CPU-*offload* the "cpu" entries (weights on meta)
+    dispatched = dispatch_model(tiny_model("gpt2"), device_map=device_map, main_device="cpu", force_hooks=True)
     assert any(hasattr(m, "_hf_hook") for m in dispatched.modules())
     check_materialised(dispatched)
     op_map = hessian_operator(dispatched, batches, method="rev-rev")
