@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from hess_utils._io import atomic_path
+from hess_utils.operators.engines.device_map import check_materialised, validate_device_map
 from hess_utils.paths import cache_dir
 from hess_utils.tokenizer import (
     BOS_TOKEN,
@@ -143,7 +144,6 @@ TRAIN_RECIPE: dict[str, Any] = {
     "eval_sequences": 16,
 }
 
-_OFFLOAD_DEVICES = ("disk", "meta")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,53 +303,7 @@ def _recipe(name: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def validate_device_map(device_map: Any) -> None:
-    """Refuse a device map that offloads weights to disk or leaves them on the meta device.
-
-    Parameters
-    ----------
-    device_map
-        A requested ``device_map`` (string or mapping) or a loaded model's ``hf_device_map``.
-
-    Raises
-    ------
-    ValueError
-        If any module is placed on ``"disk"`` or ``"meta"``.
-    """
-    if device_map is None:
-        return
-    if isinstance(device_map, Mapping):
-        bad = {k: v for k, v in device_map.items() if str(v) in _OFFLOAD_DEVICES}
-    else:
-        bad = {"": device_map} if str(device_map) in _OFFLOAD_DEVICES else {}
-    if bad:
-        shown = ", ".join(f"{k or '<whole model>'!r}: {v!r}" for k, v in list(bad.items())[:8])
-        raise ValueError(
-            f"device map offloads modules to disk/meta ({shown}{', ...' if len(bad) > 8 else ''}). Offloaded "
-            "parameters are materialised by accelerate hooks only for the duration of each forward, so they "
-            "silently drop out of the autograd graph: their gradients, Hessian-vector products and Hessian "
-            "blocks would be missing or zero. Fix: give the devices more memory (max_memory), use fewer "
-            "devices or device_map=None (everything on CPU), or load a smaller model or lower dtype."
-        )
-
-
-def check_materialized(model: torch.nn.Module) -> None:
-    """Raise if any parameter or buffer of ``model`` is offloaded (``hf_device_map`` or meta tensors).
-
-    Parameters
-    ----------
-    model
-        A loaded model.
-
-    Raises
-    ------
-    ValueError
-        If ``model.hf_device_map`` contains ``"disk"``/``"meta"``, or a parameter or buffer is on meta.
-    """
-    validate_device_map(getattr(model, "hf_device_map", None))
-    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if meta:
-        validate_device_map({n: "meta" for n in meta})
+check_materialized = check_materialised  # the other spelling, kept for callers
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -767,7 +721,7 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    check_materialized(model)
+    check_materialised(model)
     removed = _remove_padding_idx(model)
     model.eval()
     tokenizer = load_tokenizer(path)
