@@ -39,5 +39,17 @@ prepare: install
 lint: install
 	$(VENV)/bin/ruff check hess_utils tests benchmarks scripts
 
+# Peers under the torch pin. curvlinops requires backpack-for-pytorch, which pulls a CUDA torchvision that
+# breaks `import transformers`: curvlinops goes in with --no-deps plus the modules it imports at top level.
+BENCH_PEERS := pyhessian==0.1 hessian-eigenthings==1.0.0a5 einops einconv linear_operator opt-einsum
+BENCH_ARGS ?=
+bench: install
+	@echo "== installing the peers (PyHessian, hessian-eigenthings, curvlinops without backpack)"
+	$(PY) -m pip install -q -c constraints.txt $(BENCH_PEERS) 2>&1 | $(PIP_FILTER)
+	$(PY) -m pip install -q -c constraints.txt --no-deps curvlinops-for-pytorch==3.0.1 2>&1 | $(PIP_FILTER)
+	$(PY) -c "import transformers, torch, pyhessian, hessian_eigenthings, curvlinops; assert torch.__version__.startswith('2.13.0')"
+	@echo "== benchmark (see benchmarks/README.md; BENCH_ARGS=--quick for a smoke run)"
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
 clean-data:
 	rm -rf data/corpora data/models data/tokenizers

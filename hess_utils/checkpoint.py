@@ -183,6 +183,10 @@ def check_run_folder(
     run_dir = Path(run_dir)
     saved = runs.load_config(run_dir)
     if saved is None:
+        if not is_writer:
+            # The writer checks for stray files and writes config.json; a reader looking now could see the
+            # writer's fresh config.json after finding none, and refuse a folder that is fine.
+            return False
         present = [name for name in _OWN_FILES if (run_dir / name).exists()] + (
             [finished_marker] if (run_dir / finished_marker).exists() else [])
         if present:

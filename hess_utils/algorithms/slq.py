@@ -20,10 +20,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from hess_utils.algorithms._frozen import freeze_arrays
-from hess_utils.algorithms.lanczos import LanczosResult, LanczosState, lanczos_finish, lanczos_init, lanczos_step
+from hess_utils.algorithms._products import owned_matmat
+from hess_utils.algorithms.lanczos import (
+    LanczosResult,
+    LanczosState,
+    lanczos_advance,
+    lanczos_finish,
+    lanczos_init,
+    lanczos_step,
+)
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
 
@@ -162,6 +171,7 @@ def slq(
     seed: int = 0,
     probe: str = "rademacher",
     progress: bool = True,
+    probes_at_once: int | str = 1,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature with ``num_probes`` independent runs of ``num_iters`` iterations.
 
@@ -181,6 +191,13 @@ def slq(
         Distribution of the start vectors.
     progress : bool
         Show one progress bar over all ``P * k`` products.
+    probes_at_once : int, optional
+        How many runs advance together: their products are computed by one
+        :meth:`~hess_utils.operators.base.SymmetricOperator.matmat` call (for a Hessian, one double
+        backward for all of them). The runs are the same as one after the other to rounding (not bit for
+        bit, hence the default 1, which :func:`~hess_utils.runs` checkpointed runs reproduce exactly).
+        ``"auto"``: all ``P`` when the operator batches products and their Lanczos bases fit together
+        in half the free memory of the basis device, else 1.
 
     Returns
     -------
@@ -188,12 +205,56 @@ def slq(
     """
     num_probes = check_count("num_probes", num_probes)
     seed = check_seed(seed)
-    runs = []
+    group = _group_size(op, num_iters, num_probes, reorth) if probes_at_once == "auto" else probes_at_once
+    group = min(check_count("probes_at_once", group), num_probes)
+    runs: list[LanczosResult] = []
     with tqdm(total=num_probes * num_iters, desc="slq", disable=not progress) as bar:
-        for p in range(num_probes):
-            state = lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe)
-            runs.append(_run_quietly(op, state, bar))
+        for first in range(0, num_probes, group):
+            states = [
+                lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe)
+                for p in range(first, min(first + group, num_probes))
+            ]
+            if len(states) == 1:
+                runs.append(_run_quietly(op, states[0], bar))
+            else:
+                runs.extend(_run_together(op, states, bar))
     return stack_runs(runs, num_iters, op.dim, seed, probe, reorth)
+
+
+def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: str) -> int:
+    """Default ``probes_at_once``: all probes when the operator batches and their bases fit, else 1."""
+    if num_probes == 1 or type(op).matmat is SymmetricOperator.matmat:
+        return 1
+    if getattr(op, "method", "rev-rev") != "rev-rev":
+        return 1
+    if reorth == "none":
+        return num_probes
+    bytes_per_basis = (num_iters + 1) * sum(
+        int(np.prod(s)) * torch.empty((), dtype=d).element_size() for s, d in zip(op.shapes, op.dtypes)
+    )
+    device = torch.device("cpu") if reorth == "offload" else torch.device(op.devices[0])
+    from hess_utils.operators.hessian import _free_memory
+
+    free = _free_memory(device)
+    if free is None:
+        return 1
+    return max(1, min(num_probes, int(0.5 * free // max(bytes_per_basis, 1))))
+
+
+def _run_together(op: SymmetricOperator, states: list[LanczosState], bar: tqdm) -> list[LanczosResult]:
+    """Advance several Lanczos states in lockstep, one ``matmat`` per step for the unfinished ones."""
+    while True:
+        active = [s for s in states if not s.done]
+        if not active:
+            break
+        keep = [b for s in active for b in (s.q_prev or ())]
+        products = owned_matmat(op, [s.q for s in active], keep=keep)
+        for state, w in zip(active, products, strict=True):
+            lanczos_advance(state, w)
+            bar.update(1)
+            if state.done:
+                bar.update(state.num_iters - state.iteration)
+    return [lanczos_finish(s) for s in states]
 
 
 def _run_quietly(op: SymmetricOperator, state: LanczosState, bar: tqdm) -> LanczosResult:

@@ -58,6 +58,10 @@ class SymmetricOperator(ABC):
         """
         return self._matvec(self.check_vector(v))
 
+    def matmat(self, vectors: Sequence[Sequence[torch.Tensor]]) -> list[TensorList]:
+        """``[H v for v in vectors]``; operators that can batch the products override this."""
+        return [self.matvec(v) for v in vectors]
+
     def __matmul__(self, v: Sequence[torch.Tensor]) -> TensorList:
         return self.matvec(v)
 

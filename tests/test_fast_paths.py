@@ -1,0 +1,121 @@
+"""The performance paths give the same numbers as the plain ones (issue #6), in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hess_utils import vectors as V
+from hess_utils.algorithms import lanczos, slq
+from hess_utils.operators import hessian as hessian_module
+from hess_utils.operators.hessian import hessian_operator
+from tests.tiny import dense_hessian, tiny_batches, tiny_model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+@pytest.mark.parametrize("keep_graph", [False, True, "auto"])
+def test_batched_products_match_one_by_one(family, keep_graph):
+    """``matmat`` (one double backward for k vectors, is_grads_batched) equals k ``matvec`` calls."""
+    model = tiny_model(family)
+    batches = tiny_batches(pad=True)
+    plain = hessian_operator(model, batches, method="rev-rev")
+    fast = hessian_operator(model, batches, method="rev-rev", keep_graph=keep_graph)
+    vs = [plain.random_vector("gaussian", s) for s in range(3)]
+    for _ in range(2):  # the second round reuses kept graphs
+        products = fast.matmat(vs)
+        assert fast._batched_ok, "is_grads_batched fell back to the loop"
+        for v, hv in zip(vs, products, strict=True):
+            assert rel(V.flatten(hv), V.flatten(plain.matvec(v))) < 1e-10
+    assert fast.num_matvecs == 6
+
+
+def test_matmat_of_other_methods_and_generic_operators_loops():
+    model = tiny_model("gpt2")
+    batches = tiny_batches()
+    H = dense_hessian(model, batches)
+    op = hessian_operator(model, batches, method="fwd-rev")
+    vs = [op.random_vector("gaussian", s) for s in range(2)]
+    for v, hv in zip(vs, op.matmat(vs), strict=True):
+        assert rel(V.flatten(hv), H @ V.flatten(v)) < 1e-10
+
+
+def test_keep_graph_auto_keeps_and_falls_back_with_a_warning(monkeypatch):
+    model = tiny_model("qwen2")
+    batches = tiny_batches()
+    plain = hessian_operator(model, batches, method="rev-rev")
+    auto = hessian_operator(model, batches, method="rev-rev", keep_graph="auto")
+    v = plain.random_vector("gaussian", 0)
+    assert rel(V.flatten(auto.matvec(v)), V.flatten(plain.matvec(v))) < 1e-13
+    assert len(auto._graphs) == len(batches) and auto.graph_bytes > 0
+
+    short = hessian_operator(model, batches, method="rev-rev", keep_graph="auto")
+    monkeypatch.setattr(hessian_module, "_free_memory", lambda device: 0)
+    with pytest.warns(UserWarning, match="no longer kept"):
+        out = short.matvec(v)
+    assert rel(V.flatten(out), V.flatten(plain.matvec(v))) < 1e-13
+    assert not short._graphs and short.keep_graph is False
+    with pytest.raises(ValueError, match="keep_graph"):
+        hessian_operator(model, batches, keep_graph="sometimes")
+
+
+def test_fd_in_place_path_matches_the_formula_and_restores_weights_bit_for_bit():
+    model = tiny_model("gpt_neox")
+    batches = tiny_batches(pad=True)
+    op = hessian_operator(model, batches, method="fd")
+    before = [p.detach().clone() for p in op.params]
+    v = op.random_vector("gaussian", 3)
+    hv = op.matvec(v)
+    assert all(torch.equal(a, p) for a, p in zip(before, op.params, strict=True))
+    # Reference: the same central difference written out.
+    h = op.fd_eps * V.norm(before) / V.norm(v)
+    with torch.no_grad():
+        for p, w, vi in zip(op.params, before, v, strict=True):
+            p.copy_(w + h * vi)
+    g_plus = op.gradient()
+    with torch.no_grad():
+        for p, w, vi in zip(op.params, before, v, strict=True):
+            p.copy_(w - h * vi)
+    g_minus = op.gradient()
+    with torch.no_grad():
+        for p, w in zip(op.params, before, strict=True):
+            p.copy_(w)
+    ref = (V.flatten(g_plus) - V.flatten(g_minus)) / (2 * h)
+    assert rel(V.flatten(hv), ref) < 1e-9
+    assert abs(op.fd_step(v) - h) <= 1e-12 * h
+    assert rel(V.flatten(op.matvec(v)), V.flatten(hv)) < 1e-14  # cached ||w|| is still right
+
+
+def test_slq_with_probes_together_equals_probes_one_after_the_other():
+    model = tiny_model("gpt2")
+    batches = tiny_batches()
+    op = hessian_operator(model, batches, method="rev-rev", keep_graph=True)
+    k = 12
+    one = slq(op, k, 3, seed=5, progress=False, probes_at_once=1)
+    together = slq(op, k, 3, seed=5, progress=False, probes_at_once=3)
+    default = slq(op, k, 3, seed=5, progress=False, probes_at_once="auto")
+    for res in (together, default):
+        np.testing.assert_allclose(res.alphas, one.alphas, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(res.ritz_values, one.ritz_values, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(res.ritz_weights, one.ritz_weights, rtol=1e-8, atol=1e-12)
+    # And the same as a single Lanczos run from the same probe.
+    single = lanczos(op, k, seed=5 * 1_000_003 + 1, progress=False)
+    np.testing.assert_allclose(together.runs[1].ritz_values, single.ritz_values, rtol=1e-10, atol=1e-12)
+    assert together.runs[1].orthogonality_loss < 1e-12
+
+
+def test_reorthogonalisation_keeps_the_basis_orthogonal_on_a_hard_spectrum():
+    """One CGS pass plus the DGKS second pass when needed: orthogonal to rounding on clustered values."""
+    from hess_utils.operators import as_operator
+
+    rng = np.random.default_rng(0)
+    eigs = np.concatenate([np.linspace(0, 1e-6, 100), [1.0, 1.0 + 1e-9, 2.0]])
+    q, _ = np.linalg.qr(rng.standard_normal((eigs.size, eigs.size)))
+    op = as_operator(torch.from_numpy((q * eigs) @ q.T))
+    res = lanczos(op, 90, progress=False)
+    assert res.orthogonality_loss < 1e-12
+    assert abs(res.ritz_values[-1] - 2.0) < 1e-12
