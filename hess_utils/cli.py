@@ -25,9 +25,6 @@ ENGINES = ("single", "device_map", "ddp", "fsdp")
 METHODS = ("auto", "rev-rev", "fwd-rev", "fd")
 DISTRIBUTED_ENGINES = ("ddp", "fsdp")
 
-#: Sizes of ``reproduce --quick`` (a smoke test of the main job).
-QUICK: dict[str, Any] = {"model": "tiny-gpt2", "seq_len": 32, "num_sequences": 2, "num_iters": 10}
-
 ENGINE_HELP = """\
 engines:
   single      one process; the model on --device (default: cuda:0 if available, else cpu).
@@ -155,12 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("prepare", help="prepare the embedded corpora and models (idempotent; cached under data/)",
                    description="Build the embedded corpora, tokenizers and models under data/ (cached).")
-    rep = sub.add_parser("reproduce", help="the main job on the embedded defaults (figures under figures/)",
-                         description="The main job: the SLQ spectrum of smollm2-135m on wiki (a checkpointed run "
-                                     "in runs/reproduce-spectrum, so a re-run is instant), plotted under figures/.")
+    rep = sub.add_parser("reproduce", help="the main job: run every notebook headless (figures under figures/)",
+                         description="The main job: every notebook of notebooks/ in order with papermill on its "
+                                     "defaults; executed copies in figures/executed/, figures in figures/, results "
+                                     "cached in runs/notebooks (a re-run only re-plots). Stops at the first failing "
+                                     "notebook, naming it.")
     rep.add_argument("--quick", action="store_true",
-                     help="tiny sizes (tiny-gpt2, 2 x 32 tokens, 10 iterations; run folder "
-                          "runs/reproduce-spectrum-quick), for a smoke test")
+                     help="pass quick=True to every notebook (small sizes, a smoke test); figures and executed "
+                          "copies under figures/quick/")
     spec = sub.add_parser("spectrum", help="SLQ spectrum of the loss Hessian, checkpointed; writes ritz.csv, run.json",
                           description="Stochastic Lanczos quadrature of the Hessian of a causal LM's mean token loss, "
                                       "checkpointed and resumable.", epilog=ENGINE_HELP + "\n" + RUN_HELP,
@@ -599,20 +598,19 @@ def run_column(args: argparse.Namespace) -> Path:
 
 
 def reproduce(quick: bool = False) -> None:
-    """The main job: the embedded model's spectrum (checkpointed, so a re-run is instant), figure under figures/."""
-    from hess_utils.paths import figures_dir
-    from hess_utils.plotting import plot_spectrum_run
+    """The main job: every notebook under ``notebooks/``, in order, headless (:func:`hess_utils.notebooks.run_all`).
 
-    args = _parser().parse_args(["spectrum"])
-    args.out = "runs/reproduce-spectrum"
-    if quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-        args.out = "runs/reproduce-spectrum-quick"
-    start = time.perf_counter()
-    run_dir = run_spectrum(args)
-    paths = plot_spectrum_run(run_dir, figures_dir() / f"spectrum_{args.model}_{args.data}")
-    print(f"figures: {', '.join(str(p) for p in paths)}; total {time.perf_counter() - start:.0f} s", flush=True)
+    Executed copies and figures go under ``figures/`` (``figures/quick/`` with ``quick``, which passes
+    ``quick=True`` to every notebook); results are cached under ``runs/notebooks``, so a re-run only re-plots.
+
+    Raises
+    ------
+    hess_utils.notebooks.NotebookError
+        At the first failing notebook, naming it.
+    """
+    from hess_utils.notebooks import run_all
+
+    run_all(quick=quick)
 
 
 COMMANDS = {"spectrum": run_spectrum, "diagonal": run_diagonal, "column": run_column}
@@ -628,7 +626,13 @@ def main(argv: list[str] | None = None) -> int:
             data.prepare_all()
             models.prepare_all()
         elif args.command == "reproduce":
-            reproduce(quick=args.quick)
+            from hess_utils.notebooks import NotebookError
+
+            try:
+                reproduce(quick=args.quick)
+            except NotebookError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return 1
         else:
             COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, IndexError, NotADirectoryError, PermissionError,

@@ -78,3 +78,68 @@ def plot_spectrum_run(run_dir: str | Path, stem: str | Path, sigma: float | None
     paths = save_figure(fig, stem)
     plt.close(fig)
     return paths
+
+
+def abs_heatmap(ax, matrix, title: str, vmin: float | None = None, cmap: str = "viridis", colorbar: bool = True,
+                label: str = "|entry|"):
+    """Heat map of ``|matrix|`` on a logarithmic colour scale (entries span many decades); zeros drawn at ``vmin``.
+
+    ``vmin`` defaults to ``1e-6 * max |entry|``. Returns the image.
+    """
+    from matplotlib.colors import LogNorm
+
+    mags = np.abs(np.asarray(matrix, dtype=np.float64))
+    top = float(mags.max()) if mags.size and mags.max() > 0 else 1.0
+    vmin = top * 1e-6 if vmin is None else float(vmin)
+    image = ax.imshow(np.maximum(mags, vmin), norm=LogNorm(vmin=vmin, vmax=max(top, vmin * 10)), cmap=cmap,
+                      interpolation="nearest", aspect="equal")
+    ax.set_title(title)
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
+    return image
+
+
+def ritz_stems(ax, values, weights, label: str | None = None, color: str = "C0", marker: str = "o",
+               log: bool = True):
+    """Stem plot of Ritz values ``values`` (x) against their weights ``weights`` (y, log scale by default).
+
+    Several calls on one axis overlay runs (e.g. single-device in one colour, distributed in another).
+    """
+    values, weights = np.asarray(values, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    stems = ax.stem(values, weights, linefmt=f"{color}-", markerfmt=f"{color}{marker}", basefmt=" ", label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("Ritz value θ (nats per token per unit²)")
+    ax.set_ylabel("Ritz weight (squared first component)")
+    return stems
+
+
+def density_overlay(ax, spectra, sigma: float | None = None, num_points: int = 2000, log: bool = True,
+                    floor: float = 1e-8) -> float:
+    """Gaussian-smoothed densities of several spectra on one common grid; returns the kernel's sigma.
+
+    ``spectra`` maps a label to ``(values, weights)`` (weights summing to 1, e.g. one probe's Ritz pairs, or
+    several probes' with weights divided by the number of probes). ``sigma`` (a standard deviation) defaults to
+    1/100 of the spread of all values together, so the curves are smoothed alike and comparable. With ``log`` the
+    y axis is logarithmic and densities below ``floor`` times the largest peak are clipped to it.
+    """
+    from hess_utils.algorithms.density import DEFAULT_MARGIN, default_sigma, gaussian_density
+
+    if not spectra:
+        raise ValueError("no spectra to plot: pass {label: (values, weights)}")
+    everything = np.concatenate([np.asarray(v, dtype=np.float64) for v, _ in spectra.values()])
+    sigma = default_sigma(everything) if sigma is None else float(sigma)
+    grid = np.linspace(everything.min() - DEFAULT_MARGIN * sigma, everything.max() + DEFAULT_MARGIN * sigma,
+                       num_points)
+    curves = {label: gaussian_density((np.asarray(v, np.float64), np.asarray(w, np.float64)), sigma=sigma, grid=grid)
+              for label, (v, w) in spectra.items()}
+    top = max(float(c.density.max()) for c in curves.values())
+    for i, (label, dens) in enumerate(curves.items()):
+        y = np.maximum(dens.density, floor * top) if log else dens.density
+        ax.plot(dens.grid, y, color=f"C{i % 10}", label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue λ (nats per token per unit²)")
+    ax.set_ylabel("spectral density")
+    ax.legend(fontsize="small")
+    return sigma

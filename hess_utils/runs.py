@@ -304,38 +304,26 @@ def cached_tables(
     its CSV tables are read back and nothing is computed. Otherwise ``compute()`` runs; it returns
     ``{name: DataFrame}`` or ``({name: DataFrame}, extra_record)``. Each table is written as ``name.csv``,
     then ``run.json`` (``record``, ``extra_record``, provenance and the compute time), then ``done.json`` last,
-    each atomically, so an interrupted run is recomputed, never half-read.
+    each atomically, so an interrupted run is recomputed, never half-read. The tables-only case of
+    :func:`hess_utils.cached.cached_results` (which also stores arrays).
 
     Raises
     ------
     ValueError
-        If ``run_dir`` holds a result of another configuration (each mismatch named).
+        If ``run_dir`` holds a result of another configuration (each mismatch named), or ``compute`` returns
+        something other than DataFrames.
     """
-    import time
-
     import pandas as pd
 
-    run_dir = Path(run_dir)
-    saved = load_config(run_dir)
-    if saved is not None and config_mismatches(saved, config):
-        details = "; ".join(f"{k}: {o!r} (saved) != {n!r} (now)" for k, o, n in config_mismatches(saved, config))
-        raise ValueError(f"{run_dir} holds a result of other parameters: {details}. Use another folder (see "
-                         "result_dir) or delete it to recompute")
-    done = run_dir / DONE_FILE
-    if saved is not None and done.exists():
-        names = json.loads(done.read_text(encoding="utf-8"))["tables"]
-        tables = {name: pd.read_csv(run_dir / f"{name}.csv") for name in names}
-        run = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-        return tables, run
-    save_config(run_dir, config)
-    start = time.perf_counter()
-    out = compute()
-    tables, extra = (out if isinstance(out, tuple) else (out, {}))
-    seconds = time.perf_counter() - start
-    for name, frame in tables.items():
-        save_table(run_dir, f"{name}.csv", frame)
-    run = provenance(**record, **extra, config=normalise_config(config), compute_seconds=seconds,
-                     tables=sorted(tables))
-    save_run_json(run_dir, run)
-    _io.write_json(done, {"tables": sorted(tables)})
-    return tables, normalise_config(run)
+    from hess_utils.cached import cached_results
+
+    def tables_only() -> Any:
+        out = compute()
+        tables = out[0] if isinstance(out, tuple) else out
+        wrong = [name for name, value in tables.items() if not isinstance(value, pd.DataFrame)]
+        if wrong:
+            raise ValueError(f"cached_tables stores DataFrames only; {wrong} are not (use "
+                             "hess_utils.cached.cached_results for arrays)")
+        return out
+
+    return cached_results(run_dir, config, tables_only, **record)

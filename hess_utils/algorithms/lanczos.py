@@ -75,7 +75,7 @@ class LanczosResult:
     ghost_mask : np.ndarray of bool, shape (k,)
         Cullum-Willoughby mask (:func:`~hess_utils.algorithms.ghosts.cullum_willoughby_mask`): True for
         spurious Ritz values and for the extra copies of numerically multiple ones. With full
-        re-orthogonalisation it is normally all False.
+        re-orthogonalisation (``reorth="full"`` or ``"offload"``) it is all False: ghosts need lost orthogonality.
     residual_estimates : np.ndarray, shape (k,)
         :math:`|\\beta_k s_{ki}|`, the residual norm of each Ritz pair (an eigenvalue of :math:`H` lies
         within it of :math:`\\theta_i`).
@@ -418,9 +418,13 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
     values, vectors = tridiagonal_eigh(alphas, betas)
     weights = vectors[0, :] ** 2
     residuals = np.abs(last_beta * vectors[-1, :])
-    ghosts = cullum_willoughby_mask(
-        alphas, betas, values, unit_roundoff=state.unit_roundoff, residual_estimates=residuals
-    )
+    if state.reorth == "none":
+        ghosts = cullum_willoughby_mask(
+            alphas, betas, values, unit_roundoff=state.unit_roundoff, residual_estimates=residuals,
+            dim=sum(t.numel() for t in state.q),
+        )
+    else:  # a kept, re-orthogonalised basis produces no ghosts; the test would only flag close genuine values
+        ghosts = np.zeros(k, dtype=bool)
     return LanczosResult(
         alphas=alphas,
         betas=betas,
