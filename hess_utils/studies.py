@@ -126,10 +126,12 @@ def fd_error_sweep(
     all parameters); ``"krylov"``, :math:`H r / \|H r\|` for a Rademacher ``r`` (computed in float64, then
     rounded), the kind of vector Lanczos multiplies after its first step, concentrated on few parameters.
 
-    The central difference :math:`(g(w + h v) - g(w - h v)) / 2h` with :math:`h = \epsilon
-    \|w\| / \|v\|` has a truncation error :math:`O(\epsilon^2)` and a rounding error :math:`O(u /
-    \epsilon)` (unit roundoff :math:`u`), so its error over :math:`\epsilon` is a U-curve with its bottom
-    near :math:`\epsilon \approx u^{1/3}`; the exact product in the same dtype is the rounding floor.
+    The central difference :math:`(g(w + h v) - g(w - h v)) / 2h` with the package's step
+    :math:`h = \epsilon \langle |v|, |w| \rangle / \|v\|^2`
+    (:func:`~hess_utils.operators.hessian.fd_step_size`) has a truncation error :math:`O(\epsilon^2)` and a
+    rounding error :math:`O(u / \epsilon)` (unit roundoff :math:`u`), so its error over :math:`\epsilon` is a
+    U-curve with its bottom near :math:`\epsilon \approx u^{1/3}`; the exact product in the same dtype is the
+    rounding floor.
 
     Parameters
     ----------

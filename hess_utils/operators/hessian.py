@@ -15,9 +15,14 @@ Methods
     ``functional_call``. Never ``jvp`` of ``jacrev`` (measured 19 % off on ``F.layer_norm``).
 ``"fd"``
     Central finite differences of gradients, ``H v ~ (g(w + h v) - g(w - h v)) / (2 h)`` with
-    ``h = eps * ||w|| / ||v||``; ``eps`` defaults to 1e-3 in float32 (about 5e-5 relative error), 1e-6 in
-    float64 (about 1e-10), 1e-2 in half precision. Needs only gradients, so it runs where double
-    backward does not (FSDP, flash attention).
+    ``h = eps * <|v|, |w|> / ||v||^2``, the least-squares fit of ``h |v|`` to ``eps |w|``: the step moves
+    the weights that ``v`` touches by about ``eps`` of their own size (:func:`fd_step_size`). The older
+    rule ``h = eps ||w|| / ||v||`` scales with the norm of *all* weights and was 90-96 % off in float32 on
+    the vectors Lanczos multiplies (``H r / ||H r||``, concentrated on embeddings; tiny-gpt2, 1.35 M
+    parameters), where this rule is 2e-4 off. ``eps`` defaults to 2e-4 in float32 (measured 1e-3 relative
+    error on a Gaussian vector, 6e-4 on Krylov vectors, against exact float64 products), 3e-7 in float64
+    (about 3e-9 and 5e-10), 1e-2 in half precision. Needs only gradients, so it runs where double backward
+    does not (FSDP, flash attention).
 ``"auto"``
     ``"rev-rev"``, run inside a scoped context that makes the attention kernel differentiable twice:
     eager attention as is; SDPA under ``sdpa_kernel(SDPBackend.MATH)`` for the duration of each product
@@ -42,7 +47,30 @@ from hess_utils.vectors import TensorList
 
 METHODS = ("auto", "rev-rev", "fwd-rev", "fd")
 EXACT_METHODS = ("rev-rev", "fwd-rev")
-DEFAULT_FD_EPS = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DEFAULT_FD_EPS = {torch.float64: 3e-7, torch.float32: 2e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def fd_step_size(eps: float, abs_dot: float, v_sq_norm: float, w_norm: float, v_norm: float | None = None) -> float:
+    """Central-difference step ``h = eps * <|v|, |w|> / ||v||^2`` (0 for ``v = 0``).
+
+    It minimises ``|| h |v| - eps |w| ||`` over the entries, so ``h v`` changes each weight that ``v`` touches
+    by about ``eps`` of its size, however concentrated ``v`` is. Where ``v`` touches only zero weights
+    (``<|v|, |w|> = 0``) the norm rule ``eps ||w|| / ||v||`` is used (``eps / ||v||`` if ``w = 0``).
+    """
+    if v_sq_norm <= 0:
+        return 0.0
+    if abs_dot > 0:
+        return eps * abs_dot / v_sq_norm
+    v_norm = math.sqrt(v_sq_norm) if v_norm is None else v_norm
+    return eps * (w_norm if w_norm > 0 else 1.0) / v_norm
+
+
+def abs_dot(v: Sequence[torch.Tensor], w: Sequence[torch.Tensor]) -> float:
+    """``<|v|, |w|>`` summed per block in float64 (no float64 copy of the blocks)."""
+    total = 0.0
+    for a, b in zip(v, w, strict=True):
+        total += float(torch.sum(a.abs() * b.detach().abs().to(a.device, a.dtype), dtype=torch.float64))
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -393,11 +421,15 @@ class HessianOperator(SymmetricOperator):
         return total if total is not None else [torch.zeros_like(p) for p in self.params]
 
     def fd_step(self, v: TensorList) -> float:
-        """The finite-difference step ``h = eps * ||w|| / ||v||`` for this vector."""
-        w_norm, v_norm = self._weight_norm(), _fast_norm(v)
+        """The finite-difference step ``h = eps * <|v|, |w|> / ||v||^2`` for this vector (:func:`fd_step_size`)."""
+        v_norm = _fast_norm(v)
         if v_norm == 0:
             return 0.0
-        return self.fd_eps * (w_norm if w_norm > 0 else 1.0) / v_norm
+        weights = [p.detach() for p in self.params]
+        if any(hasattr(p, "placements") for p in self.params):  # sharded (DTensor) parameters
+            weights = [p.full_tensor() for p in weights]
+        dot = abs_dot(v, weights)
+        return fd_step_size(self.fd_eps, dot, v_norm**2, self._weight_norm() if dot == 0 else 0.0, v_norm)
 
     def _weight_norm(self) -> float:
         """``||w||``, recomputed only when a parameter was modified in place since the last call."""

@@ -2,8 +2,9 @@
 
 Double backward does not survive FSDP (measured: the gradient comes back without a graph), so, as in the
 foundation-scale paper, ``H v ~ (g(w + h v) - g(w - h v)) / (2 h)`` with the step rule of the core,
-``h = eps * ||w|| / ||v||``. The perturbation is applied to each rank's local shard: ``v`` is split with
-``distribute_tensor`` using the parameter's own placements, and only the local piece is added.
+``h = eps * <|v|, |w|> / ||v||^2`` (:func:`~hess_utils.operators.hessian.fd_step_size`, the inner product
+summed over the local shards and all-reduced). The perturbation is applied to each rank's local shard: ``v``
+is split with ``distribute_tensor`` using the parameter's own placements, and only the local piece is added.
 
 Vectors are full (replicated) tensors shaped like the parameters, identical on every rank, so every
 algorithm runs unchanged; ``H v`` is all-gathered to full tensors. Batches are dealt over ranks as in
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from hess_utils import loss as L
 from hess_utils.operators.engines.ddp import DataParallelHessianOperator
+from hess_utils.operators.hessian import abs_dot, fd_step_size
 from hess_utils.operators.selection import ParamSelector
 from hess_utils.vectors import TensorList
 
@@ -57,11 +59,15 @@ class FSDPHessianOperator(DataParallelHessianOperator):
         return float(total.item())
 
     def fd_step(self, v: TensorList) -> float:
-        w_norm = math.sqrt(self._local_sq_norm(self.params))
-        v_norm = math.sqrt(sum(float(x.to(torch.float64).pow(2).sum()) for x in v))
-        if v_norm == 0:
+        """The core's step rule with ``<|v|, |w|>`` from each rank's shard (one all-reduce)."""
+        v_sq = sum(float(x.to(torch.float64).pow(2).sum()) for x in v)  # v is full on every rank
+        if v_sq == 0:
             return 0.0
-        return self.fd_eps * (w_norm if w_norm > 0 else 1.0) / v_norm
+        dot = torch.tensor([abs_dot(self._local_pieces(v), [_local(p) for p in self.params])],
+                           dtype=torch.float64, device=self.devices[0])
+        dist.all_reduce(dot, group=self.group)
+        w_norm = math.sqrt(self._local_sq_norm(self.params)) if float(dot) == 0 else 0.0
+        return fd_step_size(self.fd_eps, float(dot), v_sq, w_norm)
 
     def _local_pieces(self, v: TensorList) -> TensorList:
         from torch.distributed.tensor import distribute_tensor
