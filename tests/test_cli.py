@@ -57,6 +57,8 @@ def test_rerun_recomputes_nothing_and_other_parameters_are_refused(single_run, c
     (["spectrum", "--engine", "fsdp", "--method", "rev-rev"], "finite differences only"),
     (["spectrum", "--model", "no-such-model-anywhere"], "tiny-gpt2"),
     (["column", *SMALL, "--index", "999999999"], "out of range"),
+    (["spectrum", "--method", "rev-rev", "--fd-eps", "1e-4"], "--method fd only"),
+    (["spectrum", "--method", "fd", "--fd-eps", "0"], "--fd-eps must be positive"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
@@ -94,3 +96,11 @@ def test_engines_under_torchrun_give_the_single_process_ritz_values(engine, meth
     assert np.abs(got - ref).max() < 1e-8 * np.abs(ref).max()
     record = json.loads((tmp_path / engine / "run.json").read_text())
     assert record["world_size"] == 2 and record["backend"] == "gloo"
+
+
+def test_fd_eps_reaches_the_operator_and_the_run_config(tmp_path):
+    import json
+
+    out = tmp_path / "fd"
+    assert main(["diagonal", *SMALL, "--probes", "2", "--method", "fd", "--fd-eps", "2e-4", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["fd_eps"] == 2e-4
