@@ -201,10 +201,10 @@ SYSTEMS: dict[str, System] = {
                              _eigenthings_hvp, _eigenthings_slq, "fixed step 5e-3"),
     "ours-rebuilt": System("hess_utils rev-rev, graph rebuilt", _ours_setup("rev-rev"), _ours_hvp),
     "ours-kept": System("hess_utils rev-rev, keep_graph='auto'", _ours_setup("rev-rev", "auto"), _ours_hvp,
-                        _ours_slq("auto"), "SLQ: probes advanced together (one double backward per step)"),
+                        _ours_slq("auto"), "SLQ: probes_at_once='auto' (in turn on a CPU, together on a GPU)"),
     "ours-kept-pair": System("hess_utils rev-rev kept, 2 vectors per matmat", _ours_setup("rev-rev", "auto"),
-                             _ours_hvp_pair, _ours_slq(probes_at_once=1),
-                             "time per vector; SLQ: probes one after the other"),
+                             _ours_hvp_pair, _ours_slq(probes_at_once=2),
+                             "time per vector; SLQ: both probes advanced together (one batched double backward)"),
     "ours-fd": System("hess_utils central FD, scaled step", _ours_setup("fd"), _ours_hvp),
 }
 PEERS = ("pyhessian", "eigenthings", "curvlinops", "eigenthings-fd")

@@ -15,6 +15,7 @@ float32; float32 and float64 logits keep their dtype.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -78,8 +79,59 @@ def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def output_device(model: torch.nn.Module) -> torch.device:
+    """The device of the output head (last device of a device map), where the logits are made."""
+    try:
+        return model.get_output_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return input_device(model)
+
+
+# Model classes whose forward refused a boolean ``logits_to_keep`` (remote code, older architectures).
+_NO_ROW_LOGITS: set[type] = set()
+
+
+def _predicted_rows(model: torch.nn.Module, batch: Batch, mask: torch.Tensor) -> torch.Tensor | None:
+    """Logits ``(n, vocab)`` of the ``n`` predicted positions only, or None where the model cannot.
+
+    transformers' causal LMs take ``logits_to_keep``, a boolean ``(b, s)`` tensor that selects hidden states
+    before the output head. Skipping the head on unpredicted positions (the last one, padding) saves the
+    full ``(b, s, vocab)`` logits, their shifted copy and its zero-padded gradient: the largest tensors of
+    the graph for a big vocabulary, kept twice over when Hessian-vector products keep the graph.
+    """
+    if type(model) in _NO_ROW_LOGITS:
+        return None
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "logits_to_keep" not in params:
+        _NO_ROW_LOGITS.add(type(model))
+        return None
+    keep = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1).to(output_device(model))
+    try:
+        logits = model(**model_inputs(batch, input_device(model)), use_cache=False, logits_to_keep=keep).logits
+    except (TypeError, IndexError, RuntimeError):
+        _NO_ROW_LOGITS.add(type(model))  # a forward of its own that slices differently: the plain path
+        return None
+    if logits.ndim != 2 or logits.shape[0] != int(mask.sum()):
+        _NO_ROW_LOGITS.add(type(model))
+        return None
+    return logits
+
+
 def batch_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed cross-entropy of one batch (a scalar tensor with graph)."""
+    """Summed cross-entropy of one batch (a scalar tensor with graph).
+
+    The output head runs on the predicted positions only where the model allows it (:func:`_predicted_rows`);
+    the loss is the same sum either way.
+    """
+    targets, mask = targets_and_mask(batch)
+    rows = _predicted_rows(model, batch, mask)
+    if rows is not None:
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()
+        return F.cross_entropy(rows, targets[mask].to(rows.device), reduction="sum")
     logits = model(**model_inputs(batch, input_device(model)), use_cache=False).logits
     return summed_cross_entropy(logits, batch)
 

@@ -26,16 +26,43 @@ def _check_pair(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
             raise ValueError(f"block {i}: shapes differ ({tuple(x.shape)} vs {tuple(y.shape)})")
 
 
+# On a CPU, a float64 copy of a multi-million-entry block costs more than the dot itself (allocation and
+# page faults: 23 ms against 7 ms for the 5.3 M entries of the benchmark GPT-2); long blocks are converted a
+# chunk of this many entries at a time into a small reused buffer instead. Accelerators convert in one go.
+_DOT_CHUNK = 1 << 16
+
+
+def _block_dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``<x, y>`` of two same-shape blocks as a float64 scalar tensor on ``x``'s device, summed in float64."""
+    x = x.reshape(-1)
+    y = y.reshape(-1).to(x.device)
+    n = x.numel()
+    if x.device.type != "cpu" or n <= _DOT_CHUNK or (x.dtype == y.dtype == torch.float64):
+        return torch.dot(x.to(torch.float64), y.to(torch.float64))
+    bx = torch.empty(_DOT_CHUNK, dtype=torch.float64)
+    by = torch.empty(_DOT_CHUNK, dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, n, _DOT_CHUNK):
+        stop = min(n, start + _DOT_CHUNK)
+        m = stop - start
+        bx[:m].copy_(x[start:stop])
+        by[:m].copy_(y[start:stop])
+        total += torch.dot(bx[:m], by[:m])
+    return total
+
+
 def dot_tensor(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_i <a_i, b_i>`` as a float64 scalar tensor on the first block's device (no host sync)."""
+    """``sum_i <a_i, b_i>`` as a float64 scalar tensor on the first block's device (no host sync).
+
+    Every product and partial sum is formed in float64 (blocks are converted, never reduced in their own
+    dtype)."""
     _check_pair(a, b)
     if not a:
         raise ValueError("empty vector list")
     home = a[0].device
     total = torch.zeros((), dtype=torch.float64, device=home)
     for x, y in zip(a, b, strict=True):
-        part = torch.dot(x.reshape(-1).to(torch.float64), y.reshape(-1).to(torch.float64))
-        total = total + part.to(home)
+        total = total + _block_dot64(x, y).to(home)
     return total
 
 

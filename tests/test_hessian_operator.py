@@ -241,3 +241,36 @@ def test_flash_attention_refused_for_exact_methods_auto_falls_back():
         op.matvec(op.random_vector())
     with pytest.warns(UserWarning, match="finite differences"):
         assert hessian_operator(model, tiny_batches(), method="auto").method == "fd"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "opt", "qwen2"])
+def test_loss_on_predicted_rows_equals_the_loss_on_full_logits(family):
+    """The output head on predicted positions only (``logits_to_keep``) gives the full-logit loss."""
+    from hess_utils import loss as L
+
+    model = tiny_model(family)
+    for batch in tiny_batches(pad=True):
+        with torch.no_grad():
+            full = L.summed_cross_entropy(model(**L.model_inputs(batch, "cpu"), use_cache=False).logits, batch)
+            rows = L.batch_loss_sum(model, batch)
+        assert abs(float(rows) - float(full)) <= 1e-12 * abs(float(full))
+    assert type(model) not in L._NO_ROW_LOGITS  # the row path was taken
+
+
+def test_loss_falls_back_to_full_logits_for_a_forward_without_logits_to_keep():
+    from hess_utils import loss as L
+
+    class Wrapped(torch.nn.Module):  # a forward that knows nothing of logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    inner = tiny_model("gpt2")
+    model = Wrapped(inner)
+    batch = tiny_batches(pad=True)[0]
+    with torch.no_grad():
+        assert abs(float(L.batch_loss_sum(model, batch)) - float(L.batch_loss_sum(inner, batch))) < 1e-12
+        assert Wrapped in L._NO_ROW_LOGITS

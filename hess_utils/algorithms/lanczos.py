@@ -281,6 +281,10 @@ def _basis_coefficients(basis: list[torch.Tensor], w: TensorList, k: int) -> tor
 def _subtract_projection_(w: TensorList, basis: list[torch.Tensor], coeffs: torch.Tensor, k: int) -> None:
     """In place ``w <- w - Q[:k]^T coeffs`` block by block."""
     for Qb, wb in zip(basis, w, strict=True):
+        if Qb.dtype not in _HALF_DTYPES and Qb.device == wb.device and wb.is_contiguous():
+            # One fused BLAS call, no temporary the size of the block.
+            wb.view(-1).addmv_(Qb[:k].T, coeffs.to(device=Qb.device, dtype=Qb.dtype), alpha=-1)
+            continue
         correction = _rows_combination(coeffs.to(Qb.device), Qb[:k])
         wb.sub_(correction.reshape(wb.shape).to(wb.device))
 
