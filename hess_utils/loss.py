@@ -111,6 +111,8 @@ def _predicted_rows(model: torch.nn.Module, batch: Batch, mask: torch.Tensor) ->
     keep = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1).to(output_device(model))
     try:
         logits = model(**model_inputs(batch, input_device(model)), use_cache=False, logits_to_keep=keep).logits
+    except torch.OutOfMemoryError:
+        raise  # a memory shortage says nothing about the model's support; callers handle it
     except (TypeError, IndexError, RuntimeError):
         _NO_ROW_LOGITS.add(type(model))  # a forward of its own that slices differently: the plain path
         return None
