@@ -71,6 +71,70 @@ def summed_cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return (nll * mask.reshape(-1).to(nll.dtype)).sum()
 
 
+class _CrossEntropySum(torch.autograd.Function):
+    """``sum_t -log p_t[y_t]`` of logits ``z`` ``(n, vocab)`` with ``p = softmax(z)`` given, built by autograd.
+
+    The value is ``-log p[y]`` (``logsumexp(z) - z[y]`` on the rare rows where ``p[y]`` is too small for its
+    logarithm to keep full precision). The gradient ``dL/dz = g (p - onehot(y))`` is returned for ``z`` and
+    none for ``p``: that is the exact gradient, and when it is built with ``create_graph=True`` its
+    dependence on ``z`` runs through ``p``'s own softmax node. Differentiating it again (Hessian-vector
+    products) then costs one multiplication and one fused softmax backward on the ``(n, vocab)`` tensors,
+    where ``F.cross_entropy``'s log-softmax double backward recomputes exponentials and takes about seven
+    passes; and the graph keeps ``p`` but neither the logits nor the log-probabilities. Every order of
+    derivative stays exact (the backward is written in differentiable operations).
+    """
+
+    @staticmethod
+    def forward(logits: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        picked = probs.gather(1, targets[:, None]).squeeze(1)
+        # Below tiny / eps, -log p[y] loses relative precision to subnormal rounding: recompute exactly.
+        fragile = picked < torch.finfo(probs.dtype).tiny / torch.finfo(probs.dtype).eps
+        nll = -torch.log(picked)
+        if bool(fragile.any()):
+            rows = fragile.nonzero().squeeze(1)
+            exact = torch.logsumexp(logits[rows], dim=1) - logits[rows, targets[rows]]
+            nll = nll.index_put((rows,), exact)
+        return nll.sum()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, probs, targets = inputs
+        ctx.save_for_backward(probs, targets)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        probs, targets = ctx.saved_tensors
+        rows = torch.arange(probs.shape[0], device=probs.device)
+        if not _is_constant_one(grad_loss):
+            grad = probs * grad_loss
+            return grad.index_put_((rows, targets), -grad_loss.expand(rows.shape), accumulate=True), None, None
+        # The usual seed 1 (autograd.grad of the loss): no scaling pass here nor in the double backward.
+        minus_one = torch.full(rows.shape, -1.0, dtype=probs.dtype, device=probs.device)
+        return probs.index_put((rows, targets), minus_one, accumulate=True), None, None
+
+
+def _is_constant_one(t: torch.Tensor) -> bool:
+    """True for the seed ``1`` that needs no gradient (False under torch.func transforms, which hide values)."""
+    if t.requires_grad or t.numel() != 1:
+        return False
+    try:
+        return float(t) == 1.0
+    except (RuntimeError, ValueError):
+        return False
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``sum_t -log softmax(logits_t)[targets_t]`` for logits ``(n, vocab)`` and targets ``(n,)``.
+
+    The same number as ``F.cross_entropy(logits, targets, reduction="sum")`` with a graph that is cheaper
+    to differentiate twice (:class:`_CrossEntropySum`). Half-precision logits are upcast to float32.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    targets = targets.to(logits.device)
+    return _CrossEntropySum.apply(logits, torch.softmax(logits, dim=-1), targets)
+
+
 def model_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     """The keyword arguments for the model's forward, on ``device`` (labels are never passed)."""
     inputs = {"input_ids": batch["input_ids"].to(device)}
@@ -130,12 +194,10 @@ def batch_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """
     targets, mask = targets_and_mask(batch)
     rows = _predicted_rows(model, batch, mask)
-    if rows is not None:
-        if rows.dtype in (torch.float16, torch.bfloat16):
-            rows = rows.float()
-        return F.cross_entropy(rows, targets[mask].to(rows.device), reduction="sum")
-    logits = model(**model_inputs(batch, input_device(model)), use_cache=False).logits
-    return summed_cross_entropy(logits, batch)
+    if rows is None:
+        logits = model(**model_inputs(batch, input_device(model)), use_cache=False).logits
+        rows = logits[:, :-1, :][mask.to(logits.device)]
+    return cross_entropy_sum(rows, targets[mask])
 
 
 def lm_loss(model: torch.nn.Module, batches: Iterable[Batch], reduction: str = "mean") -> torch.Tensor:

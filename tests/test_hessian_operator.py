@@ -274,3 +274,52 @@ def test_loss_falls_back_to_full_logits_for_a_forward_without_logits_to_keep():
     with torch.no_grad():
         assert abs(float(L.batch_loss_sum(model, batch)) - float(L.batch_loss_sum(inner, batch))) < 1e-12
         assert Wrapped in L._NO_ROW_LOGITS
+
+
+def test_cross_entropy_sum_matches_torch_to_every_order_in_float64():
+    """Value, gradient, Hessian-vector product and a third derivative against ``F.cross_entropy``.
+
+    Rows include one whose target probability underflows (its logit 800 below the others), so the
+    value takes the exact ``logsumexp`` branch, and the loss is scaled by 3 to exercise a seed other than 1.
+    """
+    import torch.nn.functional as F
+
+    from hess_utils import loss as L
+
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(6, 11, dtype=torch.float64, generator=g) * 3
+    y = torch.randint(0, 11, (6,), generator=g)
+    z0[2, y[2]] -= 800.0
+    v = torch.randn(6, 11, dtype=torch.float64, generator=g)
+    u = torch.randn(6, 11, dtype=torch.float64, generator=g)
+
+    def derivatives(loss_fn, scale):
+        z = z0.clone().requires_grad_(True)
+        loss = scale * loss_fn(z)
+        (grad,) = torch.autograd.grad(loss, z, create_graph=True)
+        (hv,) = torch.autograd.grad(grad, z, grad_outputs=v, create_graph=True)
+        (third,) = torch.autograd.grad(hv, z, grad_outputs=u)
+        return loss.detach(), grad.detach(), hv.detach(), third
+
+    for scale in (1.0, 3.0):
+        ours = derivatives(lambda z: L.cross_entropy_sum(z, y), scale)
+        ref = derivatives(lambda z: F.cross_entropy(z, y, reduction="sum"), scale)
+        assert torch.isfinite(ours[0])
+        for a, b in zip(ours, ref, strict=True):
+            assert float((a - b).norm() / b.norm()) < 1e-12, (scale, a, b)
+
+
+def test_cross_entropy_sum_batched_double_backward_matches_loop():
+    """``is_grads_batched`` through the cheaper cross-entropy graph equals products one by one."""
+    from hess_utils import loss as L
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 9, (4,), generator=g)
+    (grad,) = torch.autograd.grad(L.cross_entropy_sum(x @ w, y), w, create_graph=True)
+    vs = torch.randn(3, 5, 9, dtype=torch.float64, generator=g)
+    (batched,) = torch.autograd.grad(grad, w, grad_outputs=vs, retain_graph=True, is_grads_batched=True)
+    for i in range(3):
+        (one,) = torch.autograd.grad(grad, w, grad_outputs=vs[i], retain_graph=True)
+        assert torch.allclose(batched[i], one, rtol=1e-12, atol=1e-14)

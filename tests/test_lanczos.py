@@ -339,3 +339,49 @@ def test_plain_runs_keep_each_outlier_once_and_genuine_small_weights(dtype):
                                       unit_roundoff=float(torch.finfo(dtype).eps))
     if dtype == torch.float32:
         assert original[genuine].sum() >= 3  # the failure this guards against
+
+
+def test_reorthogonalisation_split_among_threads_matches_one_thread(distinct60, monkeypatch):
+    """The CPU column split (several threads, each a share of every block's columns) changes nothing but
+    rounding: same projections, same Lanczos run."""
+    import sys
+
+    lz = sys.modules["hess_utils.algorithms.lanczos"]
+    g = torch.Generator().manual_seed(3)
+    shapes = [(37,), (5, 11), (300,), (2, 3)]
+    basis = [torch.randn(9, int(np.prod(s)), generator=g, dtype=torch.float64) for s in shapes]
+    w = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+    def project(workers):
+        monkeypatch.setattr(lz, "_cpu_workers", lambda: workers)
+        out = [x.clone() for x in w]
+        coeffs = lz._basis_coefficients(basis, out, 7)
+        lz._subtract_projection_(out, basis, coeffs, 7)
+        return coeffs, out
+
+    monkeypatch.setattr(lz, "_MIN_SPLIT_COLUMNS", 4)
+    monkeypatch.setattr(lz, "_cpu_workers", lambda: 3)
+    shares = lz._column_shares(basis, w)
+    assert shares is not None and len(shares) == 3
+    covered = sorted((i, start, stop) for share in shares for i, start, stop in share)
+    for i, Qb in enumerate(basis):  # every column of every block exactly once
+        pieces = [(a, b) for j, a, b in covered if j == i]
+        assert pieces[0][0] == 0 and pieces[-1][1] == Qb.shape[1]
+        assert all(pieces[t][1] == pieces[t + 1][0] for t in range(len(pieces) - 1))
+    (c3, w3), (c1, w1) = project(3), project(1)
+    assert torch.allclose(c3, c1, rtol=1e-13, atol=0)
+    for a, b in zip(w3, w1, strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    direct = torch.tensor([sum(float(Qb[r] @ x.reshape(-1)) for Qb, x in zip(basis, w, strict=True))
+                           for r in range(7)], dtype=torch.float64)
+    torch.testing.assert_close(c1, direct, rtol=1e-13, atol=0)
+
+    _, a = distinct60
+    blocks = BlockOperator(a, [(3, 4), (5,), (2, 3, 2), (31,)])
+    start = V.unflatten(torch.randn(60, generator=g, dtype=torch.float64), blocks.zeros())
+    monkeypatch.setattr(lz, "_cpu_workers", lambda: 3)
+    threaded = lanczos(blocks, 40, reorth="full", start=start, progress=False)
+    monkeypatch.setattr(lz, "_cpu_workers", lambda: 1)
+    single = lanczos(blocks, 40, reorth="full", start=start, progress=False)
+    np.testing.assert_allclose(threaded.ritz_values, single.ritz_values, rtol=0, atol=1e-12)
+    assert threaded.orthogonality_loss < 1e-12

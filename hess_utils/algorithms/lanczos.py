@@ -32,7 +32,9 @@ The run is a resumable state machine (:func:`lanczos_init`, :func:`lanczos_step`
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,18 +271,108 @@ def _rows_combination(coeffs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- CPU column split
+# MKL's matrix-vector products run on one core: on a CPU the re-orthogonalisation, which reads the whole
+# basis twice per step, is bound by one core's memory bandwidth. Splitting the columns of the basis among
+# threads (each product releases the GIL) uses the bandwidth of all cores: 1.4-1.5x faster on 2 cores,
+# measured for 40 x 5.3 M float32 rows. The split depends only on the shapes and the thread count, and
+# partial sums are added in a fixed order, so results are reproducible.
+_MIN_SPLIT_COLUMNS = 1 << 18  # below this, thread hand-off costs more than it saves
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def _cpu_workers() -> int:
+    return max(1, min(torch.get_num_threads(), 8))
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_workers
+    with _pool_lock:
+        if _pool is None or _pool_workers != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_workers = ThreadPoolExecutor(workers, thread_name_prefix="hess-reorth"), workers
+        return _pool
+
+
+def _splittable(Qb: torch.Tensor, wb: torch.Tensor) -> bool:
+    return (
+        Qb.device.type == "cpu" and wb.device == Qb.device and Qb.dtype not in _HALF_DTYPES
+        and wb.dtype == Qb.dtype and wb.is_contiguous()
+    )
+
+
+def _column_shares(basis: list[torch.Tensor], w: TensorList) -> list[list[tuple[int, int, int]]] | None:
+    """The CPU blocks' columns dealt into one near-equal share per worker, as ``(block, start, stop)``.
+
+    None when there is one worker or too few such columns to be worth threads.
+    """
+    workers = _cpu_workers()
+    blocks = [i for i, (Qb, wb) in enumerate(zip(basis, w, strict=True)) if _splittable(Qb, wb)]
+    total = sum(basis[i].shape[1] for i in blocks)
+    if workers < 2 or total < _MIN_SPLIT_COLUMNS * workers:
+        return None
+    quota = -(-total // workers)
+    shares: list[list[tuple[int, int, int]]] = [[]]
+    room = quota
+    for i in blocks:
+        start, n = 0, basis[i].shape[1]
+        while start < n:
+            if room == 0:
+                shares.append([])
+                room = quota
+            stop = min(n, start + room)
+            shares[-1].append((i, start, stop))
+            room -= stop - start
+            start = stop
+    return shares
+
+
+def _share_coefficients(basis, w, k: int, share) -> torch.Tensor:
+    total = torch.zeros(k, dtype=torch.float64)
+    for i, start, stop in share:
+        total += (basis[i][:k, start:stop] @ w[i].view(-1)[start:stop]).to(torch.float64)
+    return total
+
+
+def _share_subtract(basis, w, coeffs: dict[torch.dtype, torch.Tensor], k: int, share) -> None:
+    for i, start, stop in share:
+        w[i].view(-1)[start:stop].addmv_(basis[i][:k, start:stop].T, coeffs[basis[i].dtype], alpha=-1)
+
+
 def _basis_coefficients(basis: list[torch.Tensor], w: TensorList, k: int) -> torch.Tensor:
     """``Q[:k] w`` summed over blocks in float64, on the device of the first basis block."""
     home = basis[0].device
     total = torch.zeros(k, dtype=torch.float64, device=home)
-    for Qb, wb in zip(basis, w, strict=True):
-        total += _rows_dot(Qb[:k], wb.reshape(-1).to(Qb.device)).to(home)
+    shares = _column_shares(basis, w)
+    split = set()
+    if shares is not None:
+        pool = _thread_pool(len(shares))
+        jobs = [pool.submit(_share_coefficients, basis, w, k, share) for share in shares]
+        for job in jobs:  # a fixed order of the partial sums: reproducible
+            total += job.result().to(home)
+        split = {i for share in shares for i, _, _ in share}
+    for i, (Qb, wb) in enumerate(zip(basis, w, strict=True)):
+        if i not in split:
+            total += _rows_dot(Qb[:k], wb.reshape(-1).to(Qb.device)).to(home)
     return total
 
 
 def _subtract_projection_(w: TensorList, basis: list[torch.Tensor], coeffs: torch.Tensor, k: int) -> None:
     """In place ``w <- w - Q[:k]^T coeffs`` block by block."""
-    for Qb, wb in zip(basis, w, strict=True):
+    shares = _column_shares(basis, w)
+    split = set()
+    if shares is not None:
+        split = {i for share in shares for i, _, _ in share}
+        by_dtype = {dtype: coeffs.to(device="cpu", dtype=dtype) for dtype in {basis[i].dtype for i in split}}
+        pool = _thread_pool(len(shares))
+        for job in [pool.submit(_share_subtract, basis, w, by_dtype, k, share) for share in shares]:
+            job.result()
+    for i, (Qb, wb) in enumerate(zip(basis, w, strict=True)):
+        if i in split:
+            continue
         if Qb.dtype not in _HALF_DTYPES and Qb.device == wb.device and wb.is_contiguous():
             # One fused BLAS call, no temporary the size of the block.
             wb.view(-1).addmv_(Qb[:k].T, coeffs.to(device=Qb.device, dtype=Qb.dtype), alpha=-1)

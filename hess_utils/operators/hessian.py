@@ -76,11 +76,17 @@ def fd_step_size(eps: float, abs_dot: float, v_sq_norm: float, w_norm: float, v_
 
 
 def abs_dot(v: Sequence[torch.Tensor], w: Sequence[torch.Tensor]) -> float:
-    """``<|v|, |w|>`` summed per block in float64 (no float64 copy of the blocks)."""
-    total = 0.0
+    """``<|v|, |w|>``: per-block sums in the blocks' dtype (float32 at least), their total in float64.
+
+    Only a step size is made of it, so three significant digits would do; a float64 reduction of every
+    entry costs about ten times as much on a CPU.
+    """
+    parts = []
     for a, b in zip(v, w, strict=True):
-        total += float(torch.sum(a.abs() * b.detach().abs().to(a.device, a.dtype), dtype=torch.float64))
-    return total
+        dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
+        prod = a.abs().to(dtype).mul_(b.detach().abs().to(a.device, dtype))
+        parts.append(prod.sum().to(v[0].device, torch.float64))
+    return float(torch.stack(parts).sum())
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -508,11 +514,12 @@ class HessianOperator(SymmetricOperator):
             )
 
     def _check_finite(self, out: TensorList) -> None:
-        # One reading pass per block and one host synchronisation: inf or NaN anywhere makes the
-        # float64 sum non-finite (a finite float32 tensor cannot overflow a float64 sum).
+        # One reading pass per block and one host synchronisation: the smallest and largest entry are
+        # finite exactly when every entry is (NaN propagates through both). A float64 sum would also do,
+        # but costs about ten times as much on a CPU (5 ms per product for 5.3 M entries).
         home = out[0].device
-        total = torch.stack([b.sum(dtype=torch.float64).to(home) for b in out]).sum()
-        if not math.isfinite(float(total)):
+        bounds = [torch.stack(torch.aminmax(b.detach())).to(home, torch.float64) for b in out if b.numel()]
+        if bounds and not bool(torch.isfinite(torch.stack(bounds)).all()):
             raise FloatingPointError(
                 f"H v is not finite (method {self.method!r}); check the loss and, for 'fd', the step fd_eps"
             )
