@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from hess_utils import _threads
+
 TensorList = list[torch.Tensor]
 
 PROBE_KINDS = ("rademacher", "gaussian")
@@ -51,19 +53,67 @@ def _block_dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _ranges_dot64(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], share) -> torch.Tensor:
+    """Float64 ``sum <a_i[start:stop], b_i[start:stop]>`` over one share of CPU ranges (own buffers)."""
+    bx = torch.empty(_DOT_CHUNK, dtype=torch.float64)
+    by = torch.empty(_DOT_CHUNK, dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for i, start, stop in share:
+        x, y = a[i].reshape(-1), b[i].reshape(-1)
+        for s in range(start, stop, _DOT_CHUNK):
+            e = min(stop, s + _DOT_CHUNK)
+            m = e - s
+            bx[:m].copy_(x[s:e])
+            by[:m].copy_(y[s:e])
+            total += torch.dot(bx[:m], by[:m])
+    return total
+
+
 def dot_tensor(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sum_i <a_i, b_i>`` as a float64 scalar tensor on the first block's device (no host sync).
 
     Every product and partial sum is formed in float64 (blocks are converted, never reduced in their own
-    dtype)."""
+    dtype). On a CPU the conversion runs on one core per call, so long vectors are split among threads
+    (:mod:`hess_utils._threads`; fixed split, partial sums added in a fixed order)."""
     _check_pair(a, b)
     if not a:
         raise ValueError("empty vector list")
     home = a[0].device
     total = torch.zeros((), dtype=torch.float64, device=home)
-    for x, y in zip(a, b, strict=True):
-        total = total + _block_dot64(x, y).to(home)
+    split = _cpu_split(a, b)
+    if split is not None:
+        blocks, shares = split
+        pool = _threads.thread_pool(len(shares))
+        jobs = [pool.submit(_ranges_dot64, a, b, [(blocks[j], s, e) for j, s, e in share]) for share in shares]
+        for job in jobs:
+            total = total + job.result().to(home)
+        done = set(blocks)
+    else:
+        done = set()
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if i not in done:
+            total = total + _block_dot64(x, y).to(home)
     return total
+
+
+_MIN_SPLIT_ENTRIES = 1 << 18  # per worker; shorter vectors are not worth a thread hand-off
+
+
+def _cpu_split(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
+    """``(blocks, shares)`` for the long CPU blocks that need a float64 conversion, or None."""
+    workers = _threads.cpu_workers()
+    if workers < 2:
+        return None
+    blocks = [
+        i for i, (x, y) in enumerate(zip(a, b, strict=True))
+        if x.device.type == y.device.type == "cpu" and not (x.dtype == y.dtype == torch.float64)
+        and x.numel() > _DOT_CHUNK
+    ]
+    sizes = [a[i].numel() for i in blocks]
+    if sum(sizes) < _MIN_SPLIT_ENTRIES * workers:
+        return None
+    shares = _threads.deal(sizes, workers, piece=_DOT_CHUNK)
+    return (blocks, shares) if len(shares) > 1 else None
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

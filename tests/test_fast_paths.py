@@ -123,3 +123,26 @@ def test_reorthogonalisation_keeps_the_basis_orthogonal_on_a_hard_spectrum():
     res = lanczos(op, 90, progress=False)
     assert res.orthogonality_loss < 1e-12
     assert abs(res.ritz_values[-1] - 2.0) < 1e-12
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_float64_dot_is_the_same_chunked_and_split_among_threads(monkeypatch, workers):
+    """Chunked float64 conversion and the thread split give the float64 dot of the float32 blocks."""
+    from hess_utils import _threads
+
+    monkeypatch.setattr(V, "_DOT_CHUNK", 16)
+    monkeypatch.setattr(V, "_MIN_SPLIT_ENTRIES", 8)
+    monkeypatch.setattr(_threads, "cpu_workers", lambda: workers)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 7), (3,), (513,), (17, 2, 3)]
+    a = [torch.randn(s, generator=g) * 1e3 for s in shapes]
+    b = [torch.randn(s, generator=g) for s in shapes]
+    if workers > 1:
+        blocks, shares = V._cpu_split(a, b)
+        assert blocks == [0, 2, 3] and len(shares) == workers  # the 3-entry block is not split
+    else:
+        assert V._cpu_split(a, b) is None
+    exact = sum(float(torch.dot(x.double().reshape(-1), y.double().reshape(-1))) for x, y in zip(a, b))
+    assert abs(V.dot(a, b) - exact) <= 1e-14 * sum(float((x.double().abs() * y.double().abs()).sum())
+                                                    for x, y in zip(a, b))
+    assert V.dot(a, b) == V.dot(a, b)  # a fixed split: the same number every time

@@ -210,14 +210,17 @@ def slq(
     group = _group_size(op, num_iters, num_probes, reorth) if probes_at_once == "auto" else probes_at_once
     group = min(check_count("probes_at_once", group), num_probes)
     runs: list[LanczosResult] = []
+    spare: list[torch.Tensor] | None = None  # a finished run's basis, reused by the next run in turn
     with tqdm(total=num_probes * num_iters, desc="slq", disable=not progress) as bar:
         for first in range(0, num_probes, group):
             states = [
-                lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe)
+                lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe,
+                             workspace=spare if group == 1 else None)
                 for p in range(first, min(first + group, num_probes))
             ]
             if len(states) == 1:
                 runs.append(_run_quietly(op, states[0], bar))
+                spare, states[0].basis = states[0].basis, None
             else:
                 runs.extend(_run_together(op, states, bar))
     return stack_runs(runs, num_iters, op.dim, seed, probe, reorth)
