@@ -30,8 +30,14 @@ def thread_pool(workers: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_workers != workers:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool, _pool_workers = ThreadPoolExecutor(workers, thread_name_prefix="hess-cpu"), workers
+            _pool, _pool_workers = ThreadPoolExecutor(
+                workers, thread_name_prefix="hess-cpu", initializer=_one_thread_each
+            ), workers
         return _pool
+
+
+def _one_thread_each() -> None:
+    torch.set_num_threads(1)
 
 
 def deal(sizes: list[int], workers: int, piece: int = 1) -> list[list[tuple[int, int, int]]]:

@@ -31,7 +31,7 @@ def _check_pair(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
 # On a CPU, a float64 copy of a multi-million-entry block costs more than the dot itself (allocation and
 # page faults: 23 ms against 7 ms for the 5.3 M entries of the benchmark GPT-2); long blocks are converted a
 # chunk of this many entries at a time into a small reused buffer instead. Accelerators convert in one go.
-_DOT_CHUNK = 1 << 16
+_DOT_CHUNK = 1 << 18  # 2 MiB float64 buffers: 5.9 ms per 5.3 M-entry dot against 7.7 ms at 1 << 16
 
 
 def _block_dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -97,6 +97,7 @@ def dot_tensor(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Te
 
 
 _MIN_SPLIT_ENTRIES = 1 << 18  # per worker; shorter vectors are not worth a thread hand-off
+_MIN_SPLIT_BLOCK = 1 << 12  # smaller blocks are converted whole on the calling thread
 
 
 def _cpu_split(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
@@ -107,7 +108,7 @@ def _cpu_split(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
     blocks = [
         i for i, (x, y) in enumerate(zip(a, b, strict=True))
         if x.device.type == y.device.type == "cpu" and not (x.dtype == y.dtype == torch.float64)
-        and x.numel() > _DOT_CHUNK
+        and x.numel() >= _MIN_SPLIT_BLOCK
     ]
     sizes = [a[i].numel() for i in blocks]
     if sum(sizes) < _MIN_SPLIT_ENTRIES * workers:

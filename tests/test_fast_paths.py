@@ -132,6 +132,7 @@ def test_float64_dot_is_the_same_chunked_and_split_among_threads(monkeypatch, wo
 
     monkeypatch.setattr(V, "_DOT_CHUNK", 16)
     monkeypatch.setattr(V, "_MIN_SPLIT_ENTRIES", 8)
+    monkeypatch.setattr(V, "_MIN_SPLIT_BLOCK", 5)
     monkeypatch.setattr(_threads, "cpu_workers", lambda: workers)
     g = torch.Generator().manual_seed(0)
     shapes = [(40, 7), (3,), (513,), (17, 2, 3)]

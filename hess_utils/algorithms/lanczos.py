@@ -486,6 +486,14 @@ def lanczos_advance(state: LanczosState, w: TensorList) -> LanczosState:
         # Invariant subspace found: T_j holds exact eigenvalues; there is no next direction.
         state.breakdown = True
         return state
+    if state.basis is not None and all(
+        Qb.device == wb.device and Qb.dtype == wb.dtype for Qb, wb in zip(state.basis, w, strict=True)
+    ):
+        # Normalise straight into the basis row and use the row as q: one pass instead of two.
+        state.q_prev, state.q = state.q, [
+            torch.div(wb, beta, out=Qb[j].view(wb.shape)) for Qb, wb in zip(state.basis, w, strict=True)
+        ]
+        return state
     state.q_prev, state.q = state.q, [wb.div_(beta) for wb in w]
     if state.basis is not None:
         _store_row(state.basis, j, state.q)
