@@ -286,7 +286,8 @@ def _rows_combination(coeffs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 # MKL's matrix-vector products run on one core: on a CPU the re-orthogonalisation, which reads the whole
 # basis twice per step, is bound by one core's memory bandwidth. Splitting the columns of the basis among
 # threads (each product releases the GIL) uses the bandwidth of all cores: 1.4-1.5x faster on 2 cores,
-# measured for 40 x 5.3 M float32 rows. The split depends only on the shapes and the thread count, and
+# measured alone for 40 x 5.3 M float32 rows (less inside an SLQ run, whose products share the memory
+# bus and caches). The split depends only on the shapes and the thread count, and
 # partial sums are added in a fixed order, so results are reproducible.
 _MIN_SPLIT_COLUMNS = 1 << 18  # per worker; below this, thread hand-off costs more than it saves
 
