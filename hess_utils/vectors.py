@@ -41,16 +41,7 @@ def _block_dot64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if x.device.type != "cpu" or n <= _DOT_CHUNK or (x.dtype == y.dtype == torch.float64):
         return torch.dot(x.to(torch.float64), y.to(torch.float64))
-    bx = torch.empty(_DOT_CHUNK, dtype=torch.float64)
-    by = torch.empty(_DOT_CHUNK, dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64)
-    for start in range(0, n, _DOT_CHUNK):
-        stop = min(n, start + _DOT_CHUNK)
-        m = stop - start
-        bx[:m].copy_(x[start:stop])
-        by[:m].copy_(y[start:stop])
-        total += torch.dot(bx[:m], by[:m])
-    return total
+    return _ranges_dot64([x], [y], [(0, 0, n)])
 
 
 def _ranges_dot64(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], share) -> torch.Tensor:
