@@ -88,6 +88,16 @@ def test_fd_in_place_path_matches_the_formula_and_restores_weights_bit_for_bit()
     assert rel(V.flatten(hv), ref) < 1e-9
     assert abs(op.fd_step(v) - h) <= 1e-12 * h
     assert rel(V.flatten(op.matvec(v)), V.flatten(hv)) < 1e-14  # a second product is the same
+    assert all(torch.equal(a, p) for a, p in zip(before, op.params, strict=True))
+    # The weight copy's buffers are reused between products, never its contents: weights changed behind the
+    # operator's back (through .data, no version bump) are the ones perturbed and restored next time.
+    op.params[0].data.mul_(1.5)
+    changed = [p.detach().clone() for p in op.params]
+    expected = hessian_operator(model, batches, method="fd").matvec(v)
+    assert all(torch.equal(a, p) for a, p in zip(changed, op.params, strict=True))
+    assert rel(V.flatten(op.matvec(v)), V.flatten(expected)) < 1e-14
+    assert all(torch.equal(a, p) for a, p in zip(changed, op.params, strict=True))
+    assert rel(V.flatten(expected), V.flatten(hv)) > 1e-6  # the change matters
 
 
 def test_slq_with_probes_together_equals_probes_one_after_the_other():

@@ -84,7 +84,8 @@ def abs_dot(v: Sequence[torch.Tensor], w: Sequence[torch.Tensor]) -> float:
     parts = []
     for a, b in zip(v, w, strict=True):
         dtype = a.dtype if a.dtype in (torch.float32, torch.float64) else torch.float32
-        prod = a.abs().to(dtype).mul_(b.detach().abs().to(a.device, dtype))
+        # |a| |b| = |a b|: one temporary and three passes instead of three temporaries and four.
+        prod = torch.mul(a.to(dtype), b.detach().to(a.device, dtype)).abs_()
         parts.append(prod.sum().to(v[0].device, torch.float64))
     return float(torch.stack(parts).sum())
 
@@ -255,16 +256,20 @@ class HessianOperator(SymmetricOperator):
 
     # ------------------------------------------------------------------ products
     def _matvec(self, v: TensorList) -> TensorList:
-        with hessian_context(self.model, exact=self.method != "fd"):
-            if self.method == "fd":
-                local = self._fd_hvp(v)
-            else:
-                local = None
+        if self.method == "fd":
+            # The loss's scale joins the difference quotient's 1 / (2 h): one pass fewer. It is the same on
+            # every process, so scaling before the sum over processes changes nothing.
+            with hessian_context(self.model, exact=False):
+                local = self._fd_hvp(v, self.scale)
+            out = self._reduce(local)
+        else:
+            local = None
+            with hessian_context(self.model, exact=True):
                 for index, batch in enumerate(self._batch_iter("H v")):
                     part = self._rev_rev(index, batch, v) if self.method == "rev-rev" else self._fwd_rev(batch, v)
                     local = _accumulate(local, part)
-        out = self._reduce(local if local is not None else V.zeros_like(v))
-        V.scale_(self.scale, out)
+            out = self._reduce(local if local is not None else V.zeros_like(v))
+            V.scale_(self.scale, out)
         self._check_finite(out)
         self.num_matvecs += 1
         return out
@@ -458,11 +463,12 @@ class HessianOperator(SymmetricOperator):
             self._w_norm_cache = cached
         return cached[1]
 
-    def _fd_hvp(self, v: TensorList) -> TensorList:
+    def _fd_hvp(self, v: TensorList, factor: float = 1.0) -> TensorList:
+        """``factor * (g(w + h v) - g(w - h v)) / (2 h)`` for the local batches (``factor`` saves a pass)."""
         h = self.fd_step(v)
         if h == 0:
             return V.zeros_like(v)
-        saved = [p.detach().clone() for p in self.params]
+        saved = self._fd_saved_weights()
         try:
             with torch.no_grad():
                 for p, vi in zip(self.params, v, strict=True):
@@ -480,11 +486,26 @@ class HessianOperator(SymmetricOperator):
             cache = getattr(self, "_w_norm_cache", None)
             if cache is not None:  # restored bit for bit: the cached norm still holds
                 self._w_norm_cache = (versions, cache[1])
-        del saved
-        # In place: (g+ - g-) / (2 h) without new allocations.
+        # In place: factor (g+ - g-) / (2 h) without new allocations.
         for gp, gm in zip(g_plus, g_minus, strict=True):
-            gp.sub_(gm).div_(2 * h)
+            gp.sub_(gm).mul_(factor / (2 * h))
         return g_plus
+
+    def _fd_saved_weights(self) -> TensorList:
+        """A copy of the weights, in buffers kept between products.
+
+        Fresh 4-byte-per-weight buffers at every product cost a page fault per 4 KiB (about 10 ms for 5 M
+        weights on a CPU); the copy itself is made every time, so no stale weights can come back.
+        """
+        buffers = getattr(self, "_fd_buffers", None)
+        weights = [p.detach() for p in self.params]
+        layout = [(w.shape, w.dtype, w.device) for w in weights]
+        if buffers is None or [(b.shape, b.dtype, b.device) for b in buffers] != layout:
+            buffers = [torch.empty_like(w) for w in weights]
+            self._fd_buffers = buffers
+        for b, w in zip(buffers, weights, strict=True):
+            b.copy_(w)
+        return buffers
 
     # ------------------------------------------------------------------ loss and gradient
     def loss(self) -> float:
@@ -501,8 +522,9 @@ class HessianOperator(SymmetricOperator):
         return out
 
     def clear_graphs(self) -> None:
-        """Free the first-order graphs kept by ``keep_graph=True``."""
+        """Free the first-order graphs kept by ``keep_graph=True`` (and the finite-difference weight copy)."""
         self._graphs.clear()
+        self._fd_buffers = None
 
     # ------------------------------------------------------------------ errors
     @staticmethod

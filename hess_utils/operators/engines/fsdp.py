@@ -123,7 +123,7 @@ class FSDPHessianOperator(DataParallelHessianOperator):
             out.append(g * self.scale)
         return out
 
-    def _fd_hvp(self, v: TensorList) -> TensorList:
+    def _fd_hvp(self, v: TensorList, factor: float = 1.0) -> TensorList:
         from torch.distributed.tensor import DTensor
 
         h = self.fd_step(v)
@@ -147,7 +147,7 @@ class FSDPHessianOperator(DataParallelHessianOperator):
                     s.copy_(w)
         out = []
         for p, gp, gm in zip(self.params, g_plus, g_minus, strict=True):
-            local = (gp - gm) / (2 * h)
+            local = (gp - gm).mul_(factor / (2 * h))
             if hasattr(p, "placements"):
                 local = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
                                            stride=p.stride()).full_tensor()
