@@ -6,12 +6,15 @@
    hooks): the exact HVP equals the single-device HVP (float64), and a short Lanczos gives the same Ritz values.
 2. ``torch.distributed`` with nccl, a single rank on ``cuda:0``: the data-parallel operator equals the plain one.
 3. FSDP2 (one rank, nccl): the finite-difference HVP is within 1e-6 (float64) of the exact one.
-4. Timings on ``cuda:0`` (float32, synchronised, median of repeats): a gradient, an exact HVP (graph rebuilt and
+4. Full-reorthogonalisation Lanczos with the basis offloaded to the CPU (``reorth="offload"``) keeps GPU memory
+   flat as the iterations grow (peak growth from the fewest to the most iterations under two vectors), where the
+   basis kept on the GPU (``reorth="full"``) grows by one vector per iteration; both give the same Ritz values.
+5. Timings on ``cuda:0`` (float32, synchronised, median of repeats): a gradient, an exact HVP (graph rebuilt and
    graph kept) and a finite-difference HVP on the big model, as ratios to the gradient, with peak memory.
 
 Prints one line per check and a table, writes everything as JSON (``--out``), exits 1 if a check fails.
-``--cpu-smoke`` runs checks 1-3 with ``cpu`` in place of ``cuda:0`` and gloo in place of nccl (no timings): it
-only checks that the script itself works, on any machine (tests/test_scripts.py runs it).
+``--cpu-smoke`` runs checks 1-4 with ``cpu`` in place of ``cuda:0`` and gloo in place of nccl (no timings, no memory
+criterion): it only checks that the script itself works, on any machine (tests/test_scripts.py runs it).
 """
 
 from __future__ import annotations
@@ -128,6 +131,41 @@ def check_nccl_and_fsdp(model_name: str, device: str) -> list[dict]:
         dist.destroy_process_group()
 
 
+def check_offload_flat(model_name: str, device: str, iterations: tuple[int, ...]) -> dict:
+    """Peak ``device`` memory of Lanczos runs of growing length, basis on the device vs offloaded to the CPU."""
+    from hess_utils import hessian_operator, lanczos, load_model
+
+    model, tok = load_model(model_name, dtype=torch.float32)
+    model = model.to(device)
+    batches = _batches(tok, 64, 4, 2, device)
+    op = hessian_operator(model, batches, method="rev-rev")  # graph rebuilt: the same peak at every product
+    vector_bytes = sum(t.numel() * t.element_size() for t in op.zeros())
+    cuda = device.startswith("cuda")
+    peaks: dict[str, dict[int, float]] = {"full": {}, "offload": {}}
+    top: dict[str, float] = {}
+    for reorth in peaks:
+        for k in iterations:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            result = lanczos(op, num_iters=k, reorth=reorth, seed=0, progress=False)
+            if cuda:
+                torch.cuda.synchronize()
+            peaks[reorth][k] = float(torch.cuda.max_memory_allocated() - base) if cuda else float("nan")
+            top[reorth] = float(result.ritz_values[-1])
+            del result
+    first, last = iterations[0], iterations[-1]
+    growth = {r: (peaks[r][last] - peaks[r][first]) / vector_bytes for r in peaks}  # in vectors
+    ritz_gap = abs(top["offload"] - top["full"]) / abs(top["full"])
+    ok = ritz_gap < 1e-5 and (not cuda or growth["offload"] < 2)
+    peak_mib = {r: {k: m / 2**20 for k, m in by_k.items()} for r, by_k in peaks.items()}
+    return {"check": f"offloaded basis keeps {device} memory flat", "iterations": list(iterations),
+            "vector_mib": vector_bytes / 2**20, "peak_mib": peak_mib, "growth_in_vectors": growth,
+            "top_ritz_rel_gap": ritz_gap, "ok": ok}
+
+
 def _timed(fn, repeats: int) -> tuple[float, float]:
     """Median seconds and peak memory (bytes above the start) of ``fn`` on cuda:0."""
     fn()  # warm-up (kernels, caching allocator)
@@ -191,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hess_utils.runs import provenance
 
-    results = [check_device_map(args.model, device), *check_nccl_and_fsdp(args.model, device)]
+    results = [check_device_map(args.model, device), *check_nccl_and_fsdp(args.model, device),
+               check_offload_flat(args.model, device, (4, 8) if args.cpu_smoke else (8, 16, 32))]
     if not args.cpu_smoke:
         results.append(timings(args.big_model, args.seq_len, args.num_sequences, args.repeats))
     for r in results:

@@ -16,7 +16,8 @@ def test_gpu_checks_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads(out.read_text())
     checks = {r["check"]: r for r in record["results"]}
-    assert len(checks) == 3 and all(r["ok"] for r in checks.values())
+    assert len(checks) == 4 and all(r["ok"] for r in checks.values())
+    assert checks["offloaded basis keeps cpu memory flat"]["top_ritz_rel_gap"] < 1e-5
     assert checks["device_map cpu + cpu"]["hvp_rel_error"] < 1e-10
     assert checks["FSDP2 finite differences, 1 gloo rank"]["hvp_rel_error"] < 1e-6
     assert "versions" in record and "git_commit" in record
