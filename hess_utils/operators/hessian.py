@@ -234,6 +234,7 @@ class HessianOperator(SymmetricOperator):
         if self.num_tokens == 0:
             raise ValueError("the batches contain no predicted token (all padding, or sequences of length 1)")
         self._graphs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._fd_buffers: TensorList | None = None  # the weight copy of "fd", kept between products
         self.num_matvecs = 0
 
     # ------------------------------------------------------------------ hooks for engines
@@ -497,7 +498,7 @@ class HessianOperator(SymmetricOperator):
         Fresh 4-byte-per-weight buffers at every product cost a page fault per 4 KiB (about 10 ms for 5 M
         weights on a CPU); the copy itself is made every time, so no stale weights can come back.
         """
-        buffers = getattr(self, "_fd_buffers", None)
+        buffers = self._fd_buffers
         weights = [p.detach() for p in self.params]
         layout = [(w.shape, w.dtype, w.device) for w in weights]
         if buffers is None or [(b.shape, b.dtype, b.device) for b in buffers] != layout:
