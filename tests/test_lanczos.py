@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hess_utils import _threads
 from hess_utils import vectors as V
 from hess_utils.algorithms import (
     cullum_willoughby_mask,
@@ -353,14 +354,14 @@ def test_reorthogonalisation_split_among_threads_matches_one_thread(distinct60, 
     w = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
     def project(workers):
-        monkeypatch.setattr(lz, "_cpu_workers", lambda: workers)
+        monkeypatch.setattr(_threads, "cpu_workers", lambda: workers)
         out = [x.clone() for x in w]
         coeffs = lz._basis_coefficients(basis, out, 7)
         lz._subtract_projection_(out, basis, coeffs, 7)
         return coeffs, out
 
     monkeypatch.setattr(lz, "_MIN_SPLIT_COLUMNS", 4)
-    monkeypatch.setattr(lz, "_cpu_workers", lambda: 3)
+    monkeypatch.setattr(_threads, "cpu_workers", lambda: 3)
     shares = lz._column_shares(basis, w)
     assert shares is not None and len(shares) == 3
     covered = sorted((i, start, stop) for share in shares for i, start, stop in share)
@@ -379,9 +380,9 @@ def test_reorthogonalisation_split_among_threads_matches_one_thread(distinct60, 
     _, a = distinct60
     blocks = BlockOperator(a, [(3, 4), (5,), (2, 3, 2), (31,)])
     start = V.unflatten(torch.randn(60, generator=g, dtype=torch.float64), blocks.zeros())
-    monkeypatch.setattr(lz, "_cpu_workers", lambda: 3)
+    monkeypatch.setattr(_threads, "cpu_workers", lambda: 3)
     threaded = lanczos(blocks, 40, reorth="full", start=start, progress=False)
-    monkeypatch.setattr(lz, "_cpu_workers", lambda: 1)
+    monkeypatch.setattr(_threads, "cpu_workers", lambda: 1)
     single = lanczos(blocks, 40, reorth="full", start=start, progress=False)
     np.testing.assert_allclose(threaded.ritz_values, single.ritz_values, rtol=0, atol=1e-12)
     assert threaded.orthogonality_loss < 1e-12

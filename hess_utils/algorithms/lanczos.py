@@ -292,10 +292,6 @@ def _rows_combination(coeffs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 _MIN_SPLIT_COLUMNS = 1 << 18  # per worker; below this, thread hand-off costs more than it saves
 
 
-def _cpu_workers() -> int:
-    return _threads.cpu_workers()
-
-
 def _splittable(Qb: torch.Tensor, wb: torch.Tensor) -> bool:
     return (
         Qb.device.type == "cpu" and wb.device == Qb.device and Qb.dtype not in _HALF_DTYPES
@@ -308,7 +304,7 @@ def _column_shares(basis: list[torch.Tensor], w: TensorList) -> list[list[tuple[
 
     None when there is one worker or too few such columns to be worth threads.
     """
-    workers = _cpu_workers()
+    workers = _threads.cpu_workers()
     blocks = [i for i, (Qb, wb) in enumerate(zip(basis, w, strict=True)) if _splittable(Qb, wb)]
     sizes = [basis[i].shape[1] for i in blocks]
     if workers < 2 or sum(sizes) < _MIN_SPLIT_COLUMNS * workers:
