@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: reproduce test install prepare lint bench clean-data
+.PHONY: reproduce test install prepare lint bench clean-data lock test-latest
 
 reproduce: prepare
 	@echo "== main job: the embedded model's Hessian spectrum (see README for the time it takes)"
@@ -22,14 +22,47 @@ test: prepare
 
 install: $(STAMP)
 
-# torch first, from the CPU wheel; then the project under a constraint that pins torch (else pip pulls CUDA).
-$(STAMP): pyproject.toml constraints.txt
-	@echo "== installing into $(VENV) (torch==2.13.0 first, then the project)"
+# The tested environment is locked: requirements.lock pins every package `make test` and `make reproduce`
+# install, transitive ones included, for Linux x86_64 and CPython 3.11, torch as its CPU build. uv (pinned,
+# kept outside the venv so an install never removes it) resolves and installs; pyproject.toml keeps ranges
+# for people who install the library into an environment of their own.
+UV_VERSION := 0.13.8
+LOCK := requirements.lock
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+# Where the CPU build of torch comes from: a folder of wheels where this machine has one, else PyTorch's CPU
+# index (uv looks at no pip configuration, so it is told).
+TORCH_WHEELS ?= $(wildcard /opt/wheels)
+TORCH_SOURCE := $(if $(TORCH_WHEELS),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+
+$(UV):
+	@echo "== uv $(UV_VERSION) into $(TOOLS)"
+	$(PYTHON) -m pip install -q --root-user-action=ignore --target $(TOOLS) uv==$(UV_VERSION) 2>&1 | $(PIP_FILTER)
+
+$(STAMP): pyproject.toml $(LOCK) | $(UV)
+	@echo "== installing $(LOCK) into $(VENV) with uv, then the project (no dependencies of its own)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(PIP_FILTER)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | $(PIP_FILTER)
-	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) --no-deps -r $(LOCK)
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
+	$(PY) scripts/check_lock.py $(LOCK)
 	@touch $(STAMP)
+
+# Refresh the lock on purpose (newest releases the ranges of pyproject.toml allow), then run `make test`.
+lock: | $(UV)
+	printf "pip\nsetuptools>=68\n" | $(UV) pip compile -q pyproject.toml - --extra dev $(TORCH_SOURCE) --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-emit-index-url --no-emit-find-links \
+		--custom-compile-command "make lock" -o $(LOCK)
+
+# Drift check, not part of CI: the newest releases, unlocked, in a scratch venv with its own data folder
+# (the tiny models are retrained under the new versions), then the whole suite.
+LATEST := .venv-latest
+test-latest: | $(UV)
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(UV) pip install -q --python $(LATEST)/bin/python $(TORCH_SOURCE) "torch==2.13.0" --upgrade -e ".[dev]" setuptools
+	$(LATEST)/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m hess_utils prepare
+	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
 # Idempotent: each corpus, tokenizer and model is built once and checked on later runs.
 prepare: install
@@ -45,8 +78,8 @@ BENCH_PEERS := pyhessian==0.1 hessian-eigenthings==1.0.0a5 einops einconv linear
 BENCH_ARGS ?=
 bench: install
 	@echo "== installing the peers (PyHessian, hessian-eigenthings, curvlinops without backpack)"
-	$(PY) -m pip install -q -c constraints.txt $(BENCH_PEERS) 2>&1 | $(PIP_FILTER)
-	$(PY) -m pip install -q -c constraints.txt --no-deps curvlinops-for-pytorch==3.0.1 2>&1 | $(PIP_FILTER)
+	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) -c $(LOCK) $(BENCH_PEERS)
+	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) --no-deps curvlinops-for-pytorch==3.0.1
 	$(PY) -c "import transformers, torch, pyhessian, hessian_eigenthings, curvlinops; assert torch.__version__.startswith('2.13.0')"
 	@echo "== benchmark (see benchmarks/README.md; BENCH_ARGS=--quick for a smoke run)"
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from hess_utils.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -349,7 +350,7 @@ def reorth_costs(
         timed = _Timed(op)
         state = lanczos_init(op, num_iters, reorth=mode, seed=seed)
         start = time.perf_counter()
-        for _ in tqdm(range(num_iters), desc=f"lanczos reorth={mode}", disable=not progress, leave=False):
+        for _ in progress_bar(range(num_iters), desc=f"lanczos reorth={mode}", disable=not progress, leave=False):
             if state.done:
                 break
             lanczos_step(timed, state)  # type: ignore[arg-type]

@@ -62,13 +62,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from hess_utils import _io, runs
 from hess_utils.algorithms.lanczos import LanczosResult, LanczosState, lanczos_finish, lanczos_init, lanczos_step
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.algorithms.slq import SLQResult, stack_runs
 from hess_utils.operators.base import SymmetricOperator
+from hess_utils.progress import progress_bar, set_postfix
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -558,14 +558,14 @@ def run_slq(
 
     done = sum(r.num_iters for r in run.finished) + (run.state.iteration if run.state is not None else 0)
     skipped = sum(num_iters - r.num_iters for r in run.finished)  # probes cut short by a breakdown
-    with tqdm(total=num_probes * num_iters, initial=done + skipped, desc="slq", disable=not (progress and is_writer),
-              dynamic_ncols=True) as bar:
+    with progress_bar(total=num_probes * num_iters, initial=done + skipped, desc="slq",
+                      disable=not (progress and is_writer), dynamic_ncols=True) as bar:
         for p in range(len(run.finished), num_probes):
             if run.state is None:
                 run.state = lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe)
                 run.chunks, run.rows_saved = [], 0
             state = run.state
-            bar.set_postfix_str(f"probe {p + 1}/{num_probes}")
+            set_postfix(bar, f"probe {p + 1}/{num_probes}")
             while not state.done:
                 lanczos_step(op, state)
                 run.products += 1

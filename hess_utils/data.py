@@ -105,10 +105,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hess_utils._io import atomic_path
 from hess_utils.paths import cache_dir
+from hess_utils.progress import progress_bar
 
 __all__ = [
     "EMBEDDED_DATASETS",
@@ -499,7 +499,7 @@ def _build_wiki() -> tuple[list[tuple[str, str]], dict[str, Any]]:
     prefix = "m:" if ns["m"] else ""
     pages = root.findall(f"{prefix}page", ns)
     docs = []
-    for page in tqdm(pages, desc="wiki: parsing articles", unit="page", leave=False):
+    for page in progress_bar(pages, desc="wiki: parsing articles", unit="page", leave=False):
         title = (page.findtext(f"{prefix}title", "", ns) or "").strip()
         namespace = (page.findtext(f"{prefix}ns", "0", ns) or "0").strip()
         text = page.findtext(f"{prefix}revision/{prefix}text", "", ns) or ""
@@ -995,7 +995,8 @@ def _sample_chunks(
     pieces: list[np.ndarray] = []
     total = 0
     position = 0
-    bar = tqdm(total=wanted, desc=f"tokenising {label}/{split}", unit="tok", leave=False, disable=wanted < 2_000_000)
+    bar = progress_bar(total=wanted, desc=f"tokenising {label}/{split}", unit="tok", leave=False,
+                       disable=wanted < 2_000_000)
     try:
         while total < wanted and position < len(order):
             # Take documents worth about 4 characters per missing token, at least one.

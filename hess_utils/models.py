@@ -474,10 +474,10 @@ def train_tiny_model(
         The trained model (eval mode) and the training record (recipe, per-step losses, seconds, held-out
         wiki and random-token losses) written to ``train.json``.
     """
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     from hess_utils.data import load_batches
+    from hess_utils.progress import progress_bar, set_postfix
 
     r = TRAIN_RECIPE
     steps, bs, seq_len = r["steps"], r["batch_size"], r["seq_len"]
@@ -511,7 +511,7 @@ def train_tiny_model(
             return r["min_lr_ratio"] + (1 - r["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * frac))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        bar = tqdm(range(steps), desc=f"train {name}", disable=not progress, leave=False)
+        bar = progress_bar(range(steps), desc=f"train {name}", disable=not progress, leave=False)
         for step in bar:
             ids = batches[step % len(batches)]["input_ids"]
             loss = next_token_loss(model(input_ids=ids).logits, ids)
@@ -521,7 +521,7 @@ def train_tiny_model(
             optimizer.step()
             scheduler.step()
             losses.append(loss.detach().item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            set_postfix(bar, loss=f"{losses[-1]:.3f}")
         bar.close()
         seconds = time.perf_counter() - start
         model.eval()

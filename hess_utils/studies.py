@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hess_utils import loss as L
 from hess_utils import vectors as V
+from hess_utils.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -176,7 +176,8 @@ def fd_error_sweep(
             krylov.append(V.scaled(1.0 / V.norm(hr), hr))
     rows = []
     total = len(dtypes) * len(vector_kinds) * num_vectors * (len(eps_values) + 1)
-    with tqdm(total=total, desc="finite-difference sweep", disable=not progress) as bar, warnings.catch_warnings():
+    sweep_bar = progress_bar(total=total, desc="finite-difference sweep", disable=not progress)
+    with sweep_bar as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the low-precision warning is the point of the sweep
         for name in dtypes:
             dtype = _dtype(name)
@@ -286,7 +287,7 @@ def per_sequence_subset_hessians(
 
     sequences = split_sequences(batches)
     mats, tokens = [], []
-    for seq in tqdm(sequences, desc="per-sequence subset Hessians", disable=not progress):
+    for seq in progress_bar(sequences, desc="per-sequence subset Hessians", disable=not progress):
         result = subset_hessian(model, [seq], subset, reduction="sum", progress=False)
         mats.append(result.matrix.to(torch.float64).numpy())
         tokens.append(result.num_tokens)
@@ -657,7 +658,7 @@ def scaling_study(
 
     batches = list(batches)
     frames = []
-    for label, config in tqdm(list(configs.items()), desc="models", disable=not progress):
+    for label, config in progress_bar(list(configs.items()), desc="models", disable=not progress):
         config = copy.deepcopy(config)
         config._attn_implementation = "eager"
         torch.manual_seed(seed)

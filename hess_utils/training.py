@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hess_utils import loss as L
 from hess_utils.algorithms._frozen import freeze_arrays
+from hess_utils.progress import progress_bar, set_postfix
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def continue_training(
         model.eval()
         try:
             evaluate(0)
-            bar = tqdm(range(1, steps + 1), desc="training", disable=not progress, leave=False)
+            bar = progress_bar(range(1, steps + 1), desc="training", disable=not progress, leave=False)
             for step in bar:
                 batch = train_batches[(step - 1) % len(train_batches)]
                 loss = L.lm_loss(model, [batch])
@@ -186,7 +186,7 @@ def continue_training(
                 train_loss.append(value)
                 if step % eval_every == 0 or step == steps:
                     evaluate(step)
-                bar.set_postfix(loss=f"{value:.4f}", val=f"{val_loss[-1]:.4f}")
+                set_postfix(bar, loss=f"{value:.4f}", val=f"{val_loss[-1]:.4f}")
             bar.close()
         finally:
             optimizer.zero_grad(set_to_none=True)

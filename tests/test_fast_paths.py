@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -71,8 +73,11 @@ def test_fd_in_place_path_matches_the_formula_and_restores_weights_bit_for_bit()
     v = op.random_vector("gaussian", 3)
     hv = op.matvec(v)
     assert all(torch.equal(a, p) for a, p in zip(before, op.params, strict=True))
-    # Reference: the same central difference written out.
-    h = op.fd_eps * sum(float((a.abs() * b.abs()).sum()) for a, b in zip(v, before, strict=True)) / V.norm(v) ** 2
+    # Reference: the same central difference written out, at the first step of the rule and at the step the
+    # adaptive product ended with.
+    h1 = op.fd_eps * sum(float((a.abs() * b.abs()).sum()) for a, b in zip(v, before, strict=True)) / V.norm(v) ** 2
+    assert math.isclose(op.last_fd.steps[0], h1, rel_tol=1e-12)
+    h = op.last_fd.steps[-1]
     with torch.no_grad():
         for p, w, vi in zip(op.params, before, v, strict=True):
             p.copy_(w + h * vi)
@@ -86,7 +91,7 @@ def test_fd_in_place_path_matches_the_formula_and_restores_weights_bit_for_bit()
             p.copy_(w)
     ref = (V.flatten(g_plus) - V.flatten(g_minus)) / (2 * h)
     assert rel(V.flatten(hv), ref) < 1e-9
-    assert abs(op.fd_step(v) - h) <= 1e-12 * h
+    assert abs(op.fd_step(v) - h1) <= 1e-12 * h1
     assert rel(V.flatten(op.matvec(v)), V.flatten(hv)) < 1e-14  # a second product is the same
     assert all(torch.equal(a, p) for a, p in zip(before, op.params, strict=True))
     # The weight copy's buffers are reused between products, never its contents: weights changed behind the

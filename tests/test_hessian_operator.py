@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -32,44 +34,116 @@ def test_hvp_matches_dense_float64(family_setup, method):
     for seed in (0, 1):
         v = op.random_vector("gaussian", seed)
         err = rel(V.flatten(op.matvec(v)), H @ V.flatten(v))
-        assert err < (1e-6 if method == "fd" else 1e-10), err
+        assert err < (1e-7 if method == "fd" else 1e-10), err
 
 
-def test_fd_float32_within_1e4():
-    model64 = tiny_model("gpt2")
+def krylov_vectors(H: torch.Tensor, seed: int = 0, count: int = 3) -> list[torch.Tensor]:
+    """``H^j r / ||H^j r||`` for ``j = 1..count`` (``r`` Rademacher): the vectors Lanczos multiplies."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 2, (H.shape[0],), generator=g, dtype=torch.float64) * 2 - 1
+    out = []
+    for _ in range(count):
+        x = H @ x
+        x = x / x.norm()
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fd_default_is_accurate_on_random_and_krylov_vectors_in_both_dtypes(family):
+    """Issue 13's targets with default arguments: float32 within 1e-3, float64 within 1e-7 of the dense
+    float64 product, on a Gaussian vector and on H r, H^2 r, H^3 r (normalised)."""
+    model64 = tiny_model(family)
     batches = tiny_batches(pad=True)
     H = dense_hessian(model64, batches)
-    model32 = tiny_model("gpt2", dtype=torch.float32)
-    op = hessian_operator(model32, batches, method="fd")
-    v = op.random_vector("gaussian", 0)
-    assert rel(V.flatten(op.matvec(v)).double(), H @ V.flatten(v).double()) < 1e-4  # measured 6e-5
-    krylov = H @ V.flatten(v).double()  # the kind of vector Lanczos multiplies after its first step
-    krylov = V.unflatten((krylov / krylov.norm()).float(), v)
-    assert rel(V.flatten(op.matvec(krylov)).double(), H @ V.flatten(krylov).double()) < 1e-3  # measured 1.2e-4
+    model32 = tiny_model(family, dtype=torch.float32)
+    ops = {torch.float32: hessian_operator(model32, batches, method="fd"),
+           torch.float64: hessian_operator(model64, batches, method="fd")}
+    template = ops[torch.float64].zeros()
+    vectors = [V.flatten(ops[torch.float64].random_vector("gaussian", 0)), *krylov_vectors(H)]
+    for dtype, op in ops.items():
+        assert op.fd_mode == "adaptive"
+        for x in vectors:
+            hv = V.flatten(op.matvec([b.to(dtype) for b in V.unflatten(x, template)])).double()
+            assert rel(hv, H @ x) < (1e-3 if dtype == torch.float32 else 1e-7), (dtype, op.last_fd)
+            assert op.last_fd.gradients == 4 and len(op.last_fd.steps) == 2
 
 
-def test_fd_step_follows_the_weights_a_concentrated_vector_moves():
-    """On the embedded tiny-gpt2 (1.35 M parameters), H r / ||H r|| sits on embedding rows: the norm step
-    eps ||w|| / ||v|| moved them far out of the quadratic regime (96 % error in float32); h fits eps |w|."""
+RELU_KINKS = (
+    "tiny-opt is a ReLU network with pre-activations within 3e-6 of zero: 2 units change sides at a relative step "
+    "of 2.5e-5 and the difference quotient is then O(1) wrong (float64 too); below that step float32 rounding is "
+    "5e-2 (python -m benchmarks.fd_accuracy --u-curve tiny-opt): no step reaches 1e-3 in float32"
+)
+
+
+def embedded_cases(name: str):
+    """The float64 and float32 model, batches, the exact operator and the test vectors with their products."""
     from hess_utils.data import load_batches
     from hess_utils.models import load_model
 
-    model32, tok = load_model("tiny-gpt2", dtype=torch.float32)
-    model64, _ = load_model("tiny-gpt2", dtype=torch.float64)
+    model32, tok = load_model(name, dtype=torch.float32)
+    model64, _ = load_model(name, dtype=torch.float64)
     batches = load_batches("wiki", tok, seq_len=32, num_sequences=2, batch_size=2)
     exact = hessian_operator(model64, batches, method="rev-rev")
-    hr = exact.matvec(exact.random_vector("rademacher", 0))
-    krylov = V.scaled(1.0 / V.norm(hr), hr)
-    reference = V.flatten(exact.matvec(krylov))
-    krylov32 = [x.float() for x in krylov]
-    default32 = hessian_operator(model32, batches, method="fd")
-    assert rel(V.flatten(default32.matvec(krylov32)).double(), reference) < 0.15  # measured 5.3e-2 (norm: 0.96)
-    lanczos32 = hessian_operator(model32, batches, method="fd", fd_eps=2e-4)
-    assert rel(V.flatten(lanczos32.matvec(krylov32)).double(), reference) < 3e-3  # measured 6.1e-4
+    x = exact.random_vector("rademacher", 0)
+    cases = [("gaussian", exact.random_vector("gaussian", 0))]
+    for j in (1, 2, 3):
+        hx = exact.matvec(x)
+        x = V.scaled(1.0 / V.norm(hx), hx)
+        cases.append((f"krylov {j}", x))
+    cases = [(kind, v, V.flatten(exact.matvec(v))) for kind, v in cases]
+    return model32, model64, batches, cases
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-pythia", "tiny-opt", "tiny-llama", "tiny-qwen2"])
+def test_fd_default_float64_on_the_embedded_models(name):
+    _, model64, batches, cases = embedded_cases(name)
     fd64 = hessian_operator(model64, batches, method="fd")
-    assert rel(V.flatten(fd64.matvec(krylov)), reference) < 1e-6  # measured 6e-8 (norm rule: 5e-6)
-    h_norm_rule = 2e-3 * V.norm([p.detach() for p in default32.params])  # ||v|| = 1
-    assert default32.fd_step(krylov32) < h_norm_rule / 10
+    for kind, v, reference in cases:
+        err = rel(V.flatten(fd64.matvec(v)), reference)
+        assert err < 1e-7, (name, kind, err, fd64.last_fd)
+
+
+@pytest.mark.parametrize("name", [
+    "tiny-gpt2", "tiny-pythia", pytest.param("tiny-opt", marks=pytest.mark.xfail(strict=True, reason=RELU_KINKS)),
+    "tiny-llama", "tiny-qwen2",
+])
+def test_fd_default_float32_on_the_embedded_models(name):
+    """The embedded (trained) models, whose Krylov vectors sit on embedding rows: there the fixed first step
+    is far outside the quadratic regime in float32 (tiny-gpt2: 5e-2), and the adaptive step must find it."""
+    model32, _, batches, cases = embedded_cases(name)
+    fd32 = hessian_operator(model32, batches, method="fd")
+    fixed32 = hessian_operator(model32, batches, method="fd", fd_mode="fixed")
+    for kind, v, reference in cases:
+        v32 = [b.float() for b in v]
+        err32 = rel(V.flatten(fd32.matvec(v32)).double(), reference)
+        assert err32 < 1e-3, (name, kind, err32, fd32.last_fd)
+        if rel(V.flatten(fixed32.matvec(v32)).double(), reference) > 1e-2:  # far outside the quadratic range:
+            h1, h2 = fd32.last_fd.steps
+            assert h2 < h1 / 4  # ... the second step is much smaller than the first (not just half)
+
+
+def test_second_fd_step_follows_the_truncation_model():
+    from hess_utils.operators.hessian import (
+        FD_MIN_STEP_RATIO,
+        FD_TRUNCATION_FACTOR,
+        extrapolation_weight,
+        second_fd_step,
+    )
+
+    tol = 1e-3
+    h2 = second_fd_step(2.0, 0.5, tol)  # predicted error at h2: FD_TRUNCATION_FACTOR * (0.5 h2 / 2)^2 = tol / 8
+    assert math.isclose(FD_TRUNCATION_FACTOR * (0.5 * h2 / 2.0) ** 2, tol / 8, rel_tol=1e-12)
+    assert second_fd_step(2.0, 1e-6, tol) == 1.0  # never more than half the first step
+    assert second_fd_step(1.0, 1e6, tol) == FD_MIN_STEP_RATIO
+    assert second_fd_step(1.0, float("inf"), tol) == FD_MIN_STEP_RATIO
+    # Richardson on D(h) = 3 + 5 h^2 (no h^4 term) is exact.
+    d = {h: 3 + 5 * h**2 for h in (0.1, 0.03)}
+    assert math.isclose(d[0.03] + extrapolation_weight(0.1 / 0.03) * (d[0.03] - d[0.1]), 3, rel_tol=1e-13)
+    with pytest.raises(ValueError, match="fd_mode"):
+        hessian_operator(tiny_model("gpt2"), tiny_batches(), method="fd", fd_mode="clever")
+    explicit = hessian_operator(tiny_model("gpt2"), tiny_batches(), method="fd", fd_eps=1e-5)
+    assert explicit.fd_mode == "fixed" and explicit.fd_eps == 1e-5
 
 
 def test_dense_hessian_symmetric_and_full_operator_matches():

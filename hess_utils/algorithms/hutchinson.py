@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from hess_utils import vectors as V
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
+from hess_utils.progress import progress_bar
 from hess_utils.vectors import TensorList
 
 TRACE_METHODS = ("hutchinson", "hutch++")
@@ -125,7 +126,7 @@ def hutchinson_diagonal(
     seed = check_seed(seed)
     mean = [torch.zeros(b.shape, dtype=torch.float64, device=b.device) for b in op.zeros()]
     m2 = V.zeros_like(mean)
-    for k in tqdm(range(1, num_probes + 1), desc="hutchinson diagonal", disable=not progress):
+    for k in progress_bar(range(1, num_probes + 1), desc="hutchinson diagonal", disable=not progress):
         v = op.random_vector(probe, probe_seed(seed, k - 1))
         _welford_update_(mean, m2, _diagonal_sample(op, v), k)
         if callback is not None:
@@ -256,7 +257,7 @@ def hutchinson_trace(
         raise ValueError(f"unknown method {method!r}; choose one of {TRACE_METHODS}")
     num_probes = check_count("num_probes", num_probes, minimum=3 if method == "hutch++" else 1)
     seed = check_seed(seed)
-    with tqdm(total=num_probes, desc=f"{method} trace", disable=not progress) as bar:
+    with progress_bar(total=num_probes, desc=f"{method} trace", disable=not progress) as bar:
         if method == "hutch++":
             estimate, stderr = _hutch_plus_plus(op, num_probes, seed, probe, bar)
         else:

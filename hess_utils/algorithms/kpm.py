@@ -34,6 +34,7 @@ from hess_utils.algorithms.density import check_grid, normalise_on_grid
 from hess_utils.algorithms.lanczos import lanczos
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
+from hess_utils.progress import progress_bar
 from hess_utils.vectors import TensorList
 
 BOUNDS_ITERS = 30  # Lanczos iterations used to estimate the spectral bounds
@@ -179,7 +180,7 @@ def chebyshev_moments(
     a, b = check_bounds(bounds)
     center, half_width = (a + b) / 2, (b - a) / 2
     out = np.zeros((num_probes, num_moments))
-    with tqdm(total=num_probes * (num_moments // 2), desc="kpm", disable=not progress) as bar:
+    with progress_bar(total=num_probes * (num_moments // 2), desc="kpm", disable=not progress) as bar:
         for p in range(num_probes):
             z = op.random_vector(probe, probe_seed(seed, p))
             mu = _probe_moments(op, z, num_moments, center, half_width, bar)

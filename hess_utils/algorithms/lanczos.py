@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hess_utils import _threads
 from hess_utils import vectors as V
@@ -47,6 +46,7 @@ from hess_utils.algorithms.ghosts import cullum_willoughby_mask
 from hess_utils.algorithms.probes import check_count, check_seed
 from hess_utils.algorithms.tridiagonal import tridiagonal_eigh
 from hess_utils.operators.base import SymmetricOperator
+from hess_utils.progress import progress_bar, set_postfix
 from hess_utils.vectors import TensorList
 
 REORTH_MODES = ("full", "offload", "none")
@@ -594,12 +594,12 @@ def lanczos_resume(
     callback: Callable[[LanczosState], None] | None = None,
 ) -> LanczosResult:
     """Step ``state`` until it is done (e.g. after loading a checkpoint), then finish it."""
-    with tqdm(total=state.num_iters, initial=state.iteration, desc="lanczos", disable=not progress) as bar:
+    with progress_bar(total=state.num_iters, initial=state.iteration, desc="lanczos", disable=not progress) as bar:
         while not state.done:
             lanczos_step(op, state)
             bar.update(1)
             if callback is not None:
                 callback(state)
         if state.breakdown:
-            bar.set_postfix_str(f"breakdown at {state.iteration}")
+            set_postfix(bar, f"breakdown at {state.iteration}")
     return lanczos_finish(state)

@@ -35,6 +35,7 @@ from hess_utils.algorithms.lanczos import (
 )
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
+from hess_utils.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def slq(
     group = min(check_count("probes_at_once", group), num_probes)
     runs: list[LanczosResult] = []
     spare: list[torch.Tensor] | None = None  # a finished run's basis, reused by the next run in turn
-    with tqdm(total=num_probes * num_iters, desc="slq", disable=not progress) as bar:
+    with progress_bar(total=num_probes * num_iters, desc="slq", disable=not progress) as bar:
         for first in range(0, num_probes, group):
             states = [
                 lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe,

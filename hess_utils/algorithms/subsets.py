@@ -18,11 +18,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from hess_utils import loss as L
 from hess_utils.operators.hessian import check_eval_mode
 from hess_utils.operators.kernels import hessian_context
+from hess_utils.progress import progress_bar
 
 SUBSET_KINDS = ("layer", "block", "kind", "all")
 MAX_SUBSET = 20_000
@@ -145,12 +145,12 @@ def subset_hessian(
     from torch.func import functional_call
 
     with hessian_context(model), torch.enable_grad():
-        for batch in tqdm(batches, desc="subset Hessian (batches)", disable=not progress):
+        for batch in progress_bar(batches, desc="subset Hessian (batches)", disable=not progress):
             x = x0.clone().requires_grad_(True)
             inputs = {**L.model_inputs(batch, device), "use_cache": False}
             logits = functional_call(model, weights_from(x), args=(), kwargs=inputs).logits
             (g,) = torch.autograd.grad(L.summed_cross_entropy(logits, batch), x, create_graph=True)
-            for i in tqdm(range(n), desc="rows", leave=False, disable=not progress):
+            for i in progress_bar(range(n), desc="rows", leave=False, disable=not progress):
                 (row,) = torch.autograd.grad(g, x, grad_outputs=eye[i], retain_graph=i < n - 1)
                 H[i] += row.detach().cpu()
     if reduction == "mean":

@@ -129,11 +129,11 @@ class SymmetricOperator(ABC):
         """The full ``dim x dim`` float64 matrix, one column per matvec (small operators only)."""
         if self.dim > 20_000:
             raise ValueError(f"to_dense on dim={self.dim} would need {self.dim}^2 entries; use a subset")
-        from tqdm.auto import tqdm
+        from hess_utils.progress import progress_bar
 
         cols = [
             V.flatten(self.matvec(self.basis_vector(i)))
-            for i in tqdm(range(self.dim), disable=not progress, desc="dense columns")
+            for i in progress_bar(range(self.dim), disable=not progress, desc="dense columns")
         ]
         return torch.stack(cols, dim=1)
 

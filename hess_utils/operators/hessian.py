@@ -14,25 +14,29 @@ Methods
     Exact: forward-mode over reverse-mode, ``torch.func.jvp(torch.func.grad(f), (w,), (v,))`` with
     ``functional_call``. Never ``jvp`` of ``jacrev`` (measured 19 % off on ``F.layer_norm``).
 ``"fd"``
-    Central finite differences of gradients, ``H v ~ (g(w + h v) - g(w - h v)) / (2 h)`` with
-    ``h = eps * <|v|, |w|> / ||v||^2``, the least-squares fit of ``h |v|`` to ``eps |w|``: the step moves
-    the weights that ``v`` touches by about ``eps`` of their own size (:func:`fd_step_size`). The older
-    rule ``h = eps ||w|| / ||v||`` scales with the norm of *all* weights. On spread-out vectors the two agree
-    (``<|v|,|w|> ~ 0.5-0.64 ||v|| ||w||``); on the vectors Lanczos multiplies (``H r / ||H r||``,
-    concentrated on embedding rows) the norm rule is far too coarse. Measured on tiny-gpt2 (1.35 M
-    parameters) against exact float64 products, relative error on a Gaussian / a Krylov vector:
+    Central finite differences of gradients, ``D(h) = (g(w + h v) - g(w - h v)) / (2 h)``, the step chosen
+    per product (``fd_mode="adaptive"``, the default), 4 gradients a product:
 
-    ========  =====================  ==================  =========================
-    dtype     default eps            this rule           norm rule, its default
-    ========  =====================  ==================  =========================
-    float32   2e-3                   8.7e-5 / 5.3e-2     8.7e-5 / 9.6e-1 (1e-3)
-    float32   2e-4 (for Lanczos)     8.7e-4 / 6.1e-4     8.1e-4 / 4.6e-2 (1e-4)
-    float64   2e-6                   2.8e-10 / 6.1e-8    2.9e-10 / 5.1e-6 (1e-6)
-    ========  =====================  ==================  =========================
+    1. ``h1 = eps * <|v|, |w|> / ||v||^2`` (:func:`fd_step_size`: the weights ``v`` touches move by about
+       ``eps`` of their own size; ``eps = DEFAULT_FD_EPS[dtype]``, large enough that rounding stays small).
+       With the gradient at ``w`` (computed once, kept while the weights do not change) the same pair
+       gives the second difference ``S = (g(w + h v) + g(w - h v) - 2 g(w)) / h^2``, the derivative of
+       ``H v`` along ``v``, and ``tau = h ||S|| / ||D||``, the relative change of ``H v`` over the step.
+    2. The truncation error of ``D(h)`` is modelled as ``FD_TRUNCATION_FACTOR * tau^2`` (``tau^2 / 6``
+       exactly for a gradient that varies like ``exp(t / s)`` along ``v``), which scales with ``h^2``: the
+       second step ``h2`` brings it to an eighth of ``FD_TOLERANCE[dtype]``, at most ``h1 / 2``
+       (:func:`second_fd_step`). Near-quadratic directions (most random vectors) get ``h1 / 2``; the
+       vectors Lanczos multiplies, concentrated on embedding rows, get a step 10-40 times smaller.
+    3. Richardson's combination ``D(h2) + (D(h2) - D(h1)) / ((h1 / h2)^2 - 1)`` removes the ``h^2`` term
+       when the two differences agree to ``FD_MAX_EXTRAPOLATED_CHANGE`` (the first step was in the
+       asymptotic range); otherwise ``D(h2)`` stands. The model of step 2 only places ``h2``; the
+       extrapolation also covers what it misses (ReLU kinks, where ``tau`` underestimates the error).
 
-    The float32 default keeps the accuracy of a product with a random vector (1e-4); for Lanczos and SLQ in
-    float32 pass ``fd_eps=2e-4``, which balances both kinds (``--fd-eps`` on the command line). Half
-    precision: 1e-2. Needs only gradients, so it runs where double backward does not (FSDP, flash attention).
+    ``fd_mode="fixed"`` is the cheap mode: one pair at ``h1``, 2 gradients, as accurate as the adaptive
+    mode on random vectors but not on Krylov vectors (``python -m benchmarks.fd_accuracy`` measures both;
+    benchmarks/RESULTS.md). An explicit ``fd_eps`` fixes the step. ``last_fd`` on the operator says what
+    the last product did. Needs only gradients, so it runs where double backward does not (FSDP, flash
+    attention).
 ``"auto"``
     ``"rev-rev"``, run inside a scoped context that makes the attention kernel differentiable twice:
     eager attention as is; SDPA under ``sdpa_kernel(SDPBackend.MATH)`` for the duration of each product
@@ -45,6 +49,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -57,7 +62,34 @@ from hess_utils.vectors import TensorList
 
 METHODS = ("auto", "rev-rev", "fwd-rev", "fd")
 EXACT_METHODS = ("rev-rev", "fwd-rev")
+FD_MODES = ("adaptive", "fixed")
+#: Relative first step ``eps`` of finite differences (the only step of ``fd_mode="fixed"``) per dtype.
 DEFAULT_FD_EPS = {torch.float64: 2e-6, torch.float32: 2e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+#: Relative truncation error the adaptive step aims below, per dtype (rounding comes on top).
+FD_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+#: Truncation error of a central difference ``~ FD_TRUNCATION_FACTOR * tau^2`` (module docstring).
+FD_TRUNCATION_FACTOR = 1 / 6
+#: The second step is at least this fraction of the first (below it rounding would dominate).
+FD_MIN_STEP_RATIO = 1 / 256
+#: Extrapolate only when the two differences agree to this fraction (the first step was asymptotic).
+FD_MAX_EXTRAPOLATED_CHANGE = 0.25
+
+
+@dataclass(frozen=True)
+class FDProduct:
+    """What one finite-difference product did.
+
+    ``steps``: the steps ``h`` evaluated, in order; ``taus``: ``h ||S|| / ||D||`` at each (NaN in
+    ``"fixed"`` mode); ``change``: ``||D(h1) - D(h2)|| / ||D(h2)||``, the a-posteriori error estimate of
+    the first difference (NaN with one step); ``extrapolated``: whether Richardson's combination was
+    returned; ``gradients``: gradient evaluations spent on it (the gradient at ``w`` is shared by all).
+    """
+
+    steps: tuple[float, ...]
+    taus: tuple[float, ...]
+    change: float
+    extrapolated: bool
+    gradients: int
 
 
 def fd_step_size(eps: float, abs_dot: float, v_sq_norm: float, w_norm: float, v_norm: float | None = None) -> float:
@@ -73,6 +105,27 @@ def fd_step_size(eps: float, abs_dot: float, v_sq_norm: float, w_norm: float, v_
         return eps * abs_dot / v_sq_norm
     v_norm = math.sqrt(v_sq_norm) if v_norm is None else v_norm
     return eps * (w_norm if w_norm > 0 else 1.0) / v_norm
+
+
+def second_fd_step(h: float, tau: float, tolerance: float) -> float:
+    """The second step after a pair at ``h`` whose relative change of ``H v`` over the step is ``tau``.
+
+    The truncation error ``FD_TRUNCATION_FACTOR * tau^2`` scales with ``h^2``: the step that brings it to
+    ``tolerance / 8``, at most ``h / 2`` (so that extrapolation gains an order) and at least
+    ``FD_MIN_STEP_RATIO * h`` (below it rounding would dominate).
+    """
+    if not math.isfinite(tau) or tau <= 0:
+        return h * (FD_MIN_STEP_RATIO if not math.isfinite(tau) else 0.5)
+    ratio = math.sqrt(tolerance / (8 * FD_TRUNCATION_FACTOR)) / tau
+    return h * min(0.5, max(ratio, FD_MIN_STEP_RATIO))
+
+
+def extrapolation_weight(ratio: float) -> float:
+    """``c`` in Richardson's ``D(h2) + c (D(h2) - D(h1))`` for ``ratio = h1 / h2``: ``1 / (ratio^2 - 1)``.
+
+    With ``D(h) = H v + a h^2 + O(h^4)`` it removes the ``h^2`` term.
+    """
+    return 1.0 / (ratio**2 - 1.0)
 
 
 def abs_dot(v: Sequence[torch.Tensor], w: Sequence[torch.Tensor]) -> float:
@@ -164,7 +217,12 @@ class HessianOperator(SymmetricOperator):
     reduction
         ``"mean"``: the loss is the mean over all predicted tokens of all batches; ``"sum"``: their sum.
     fd_eps
-        Relative finite-difference step (``"fd"`` only); default per dtype, see ``DEFAULT_FD_EPS``.
+        Relative finite-difference step (``"fd"`` only); default per dtype, see ``DEFAULT_FD_EPS``. Given, it
+        fixes the step (``fd_mode="fixed"`` unless ``fd_mode`` says otherwise).
+    fd_mode
+        ``"adaptive"`` (default without ``fd_eps``): two central pairs, the second step chosen from the
+        first, extrapolated (module docstring), 4 gradients a product. ``"fixed"``: one central pair at
+        ``eps``, 2 gradients, accurate on random vectors only.
     keep_graph
         ``"rev-rev"`` only: keep each batch's first-order graph between products, so every later product
         costs one backward pass instead of forward + backward + double backward (about 2.0 gradients
@@ -191,6 +249,7 @@ class HessianOperator(SymmetricOperator):
         fd_eps: float | None = None,
         keep_graph: bool | str = False,
         progress: bool = False,
+        fd_mode: str | None = None,
     ) -> None:
         if keep_graph not in (True, False, "auto"):
             raise ValueError(f"keep_graph must be True, False or 'auto', got {keep_graph!r}")
@@ -228,8 +287,16 @@ class HessianOperator(SymmetricOperator):
             self.fd_eps = float(fd_eps) if fd_eps is not None else DEFAULT_FD_EPS.get(self.dtypes[0], 1e-3)
             if not self.fd_eps > 0:
                 raise ValueError(f"fd_eps must be positive, got {fd_eps}")
+            self.fd_mode = fd_mode if fd_mode is not None else ("fixed" if fd_eps is not None else "adaptive")
+            if self.fd_mode not in FD_MODES:
+                raise ValueError(f"fd_mode must be one of {FD_MODES}, got {fd_mode!r}")
+            self.fd_tolerance = FD_TOLERANCE.get(self.dtypes[0], 1e-3)
         else:
             self.fd_eps = None
+            self.fd_mode = None
+        self.last_fd: FDProduct | None = None  # what the last finite-difference product did
+        self.num_gradients = 0  # gradient evaluations spent on finite-difference products
+        self._fd_center: TensorList | None = None  # g(w) for the adaptive step, while the weights stay
         self.num_tokens = self._global_token_count()
         if self.num_tokens == 0:
             raise ValueError("the batches contain no predicted token (all padding, or sequences of length 1)")
@@ -258,11 +325,9 @@ class HessianOperator(SymmetricOperator):
     # ------------------------------------------------------------------ products
     def _matvec(self, v: TensorList) -> TensorList:
         if self.method == "fd":
-            # The loss's scale joins the difference quotient's 1 / (2 h): one pass fewer. It is the same on
-            # every process, so scaling before the sum over processes changes nothing.
+            # The loss's scale joins the difference quotient's 1 / (2 h): one pass fewer.
             with hessian_context(self.model, exact=False):
-                local = self._fd_hvp(v, self.scale)
-            out = self._reduce(local)
+                out = self._fd_hvp(v, self.scale)
         else:
             local = None
             with hessian_context(self.model, exact=True):
@@ -302,9 +367,9 @@ class HessianOperator(SymmetricOperator):
         return [[block[i] for block in out] for i in range(k)]
 
     def _batch_iter(self, desc: str):
-        from tqdm.auto import tqdm
+        from hess_utils.progress import progress_bar
 
-        return tqdm(self.batches, desc=desc, disable=not self.progress, leave=False)
+        return progress_bar(self.batches, desc=desc, disable=not self.progress, leave=False)
 
     def _first_order_graph(self, batch: L.Batch, measure: bool = False) -> tuple[torch.Tensor, ...]:
         with torch.enable_grad(), only_these_require_grad(self.model, self.params):
@@ -464,49 +529,132 @@ class HessianOperator(SymmetricOperator):
             self._w_norm_cache = cached
         return cached[1]
 
+    # ------------------------------------------------------------------ finite differences
+    # Engines that shard the weights (FSDP) override the four hooks below; the algorithm is written once.
+    def _fd_weights(self) -> TensorList:
+        """The tensors a finite difference moves in place (here the selected parameters themselves)."""
+        return [p.detach() for p in self.params]
+
+    def _fd_direction(self, v: TensorList) -> TensorList:
+        """``v`` laid out like :meth:`_fd_weights` (here ``v`` itself)."""
+        return v
+
+    def _fd_gradient(self) -> TensorList:
+        """The summed-loss gradient over all batches (of all processes), laid out like :meth:`_fd_weights`."""
+        return self._reduce(self._gradient_sum())
+
+    def _fd_sq_norm(self, x: Sequence[torch.Tensor]) -> float:
+        """``||x||^2`` of a vector laid out like :meth:`_fd_weights` (sharded engines sum over ranks)."""
+        return _fast_norm(x) ** 2
+
+    def _fd_assemble(self, d: TensorList) -> TensorList:
+        """A product laid out like :meth:`_fd_weights` as a vector of the operator (here as it is)."""
+        return d
+
     def _fd_hvp(self, v: TensorList, factor: float = 1.0) -> TensorList:
-        """``factor * (g(w + h v) - g(w - h v)) / (2 h)`` for the local batches (``factor`` saves a pass)."""
-        h = self.fd_step(v)
-        if h == 0:
+        """``factor * H v`` by central differences, the step adapted to ``v`` (module docstring).
+
+        The result is the sum over all batches of all processes (no further reduction).
+        """
+        h1 = self.fd_step(v)
+        if h1 == 0:
+            self.last_fd = FDProduct((), (), float("nan"), False, 0)
             return V.zeros_like(v)
-        saved = self._fd_saved_weights()
+        weights, direction = self._fd_weights(), self._fd_direction(v)
+        saved, changed = self._fd_saved_weights(weights)
+        adaptive = self.fd_mode == "adaptive"
+        if adaptive and (changed or self._fd_center is None):
+            self._fd_center = None
+            self._fd_center = self._fd_gradient()
+            self.num_gradients += 1
         try:
-            with torch.no_grad():
-                for p, vi in zip(self.params, v, strict=True):
-                    p.add_(vi, alpha=h)
-            g_plus = self._gradient_sum()
-            with torch.no_grad():
-                for p, w, vi in zip(self.params, saved, v, strict=True):
-                    torch.add(w, vi, alpha=-h, out=p)
-            g_minus = self._gradient_sum()
+            first, tau1 = self._fd_pair(weights, saved, direction, h1, self._fd_center if adaptive else None)
+            if adaptive:
+                h2 = second_fd_step(h1, tau1, self.fd_tolerance)
+                second, tau2 = self._fd_pair(weights, saved, direction, h2, self._fd_center)
         finally:
             with torch.no_grad():
-                for p, w in zip(self.params, saved, strict=True):
-                    p.copy_(w)
-            versions = tuple(p._version for p in self.params)
-            cache = getattr(self, "_w_norm_cache", None)
-            if cache is not None:  # restored bit for bit: the cached norm still holds
-                self._w_norm_cache = (versions, cache[1])
-        # In place: factor (g+ - g-) / (2 h) without new allocations.
+                for w, copy in zip(weights, saved, strict=True):
+                    w.copy_(copy)
+            self._fd_note_restored()
+        if not adaptive:
+            self.num_gradients += 2
+            self.last_fd = FDProduct((h1,), (tau1,), float("nan"), False, 2)
+            for block in first:  # in place: factor (g+ - g-) / (2 h) without new allocations
+                block.mul_(factor / (2 * h1))
+            return self._fd_assemble(first)
+        self.num_gradients += 4
+        # D1 = first / (2 h1), D2 = second / (2 h2), both in place; the change D2 - D1 into `first`.
+        for d1, d2 in zip(first, second, strict=True):
+            d2.mul_(factor / (2 * h2))
+            d1.mul_(-factor / (2 * h1)).add_(d2)
+        change = math.sqrt(self._fd_sq_norm(first) / max(self._fd_sq_norm(second), 1e-300))
+        # Richardson removes the h^2 term when the first step was inside the asymptotic range (the two
+        # differences agree to a fraction); otherwise the first difference says nothing: the second stands.
+        extrapolate = change <= FD_MAX_EXTRAPOLATED_CHANGE
+        if extrapolate:
+            weight = extrapolation_weight(h1 / h2)
+            for d1, d2 in zip(first, second, strict=True):
+                d2.add_(d1, alpha=weight)
+        del first
+        self.last_fd = FDProduct((h1, h2), (tau1, tau2), change, extrapolate, 4)
+        return self._fd_assemble(second)
+
+    def _fd_pair(
+        self, weights: TensorList, saved: TensorList, direction: TensorList, h: float, center: TensorList | None
+    ) -> tuple[TensorList, float]:
+        """``g(w + h v) - g(w - h v)`` and, given ``g(w)``, ``tau = h ||S|| / ||D||`` (else NaN).
+
+        The weights are left at ``w - h v``; the caller restores them.
+        """
+        with torch.no_grad():
+            for w, copy, d in zip(weights, saved, direction, strict=True):
+                torch.add(copy, d, alpha=h, out=w)
+        g_plus = self._fd_gradient()
+        with torch.no_grad():
+            for w, copy, d in zip(weights, saved, direction, strict=True):
+                torch.add(copy, d, alpha=-h, out=w)
+        g_minus = self._fd_gradient()
+        tau = float("nan")
+        if center is not None:
+            # ||g+ + g- - 2 g0|| block by block (one temporary block at a time), before g+ becomes g+ - g-.
+            second = self._fd_sq_norm([torch.add(gp, gm).sub_(g0, alpha=2.0)
+                                       for gp, gm, g0 in zip(g_plus, g_minus, center, strict=True)])
         for gp, gm in zip(g_plus, g_minus, strict=True):
-            gp.sub_(gm).mul_(factor / (2 * h))
-        return g_plus
+            gp.sub_(gm)
+        del g_minus
+        if center is not None:
+            first = self._fd_sq_norm(g_plus)
+            # D = d / (2 h) and S = s / h^2, so h ||S|| / ||D|| = 2 ||s|| / ||d||.
+            tau = 2 * math.sqrt(second / first) if first > 0 else (0.0 if second == 0 else float("inf"))
+        return g_plus, tau
 
-    def _fd_saved_weights(self) -> TensorList:
-        """A copy of the weights, in buffers kept between products.
+    def _fd_note_restored(self) -> None:
+        """The weights are back bit for bit: caches keyed on their versions still hold."""
+        versions = tuple(p._version for p in self.params)
+        cache = getattr(self, "_w_norm_cache", None)
+        if cache is not None:
+            self._w_norm_cache = (versions, cache[1])
 
-        Fresh 4-byte-per-weight buffers at every product cost a page fault per 4 KiB (about 10 ms for 5 M
-        weights on a CPU); the copy itself is made every time, so no stale weights can come back.
+    def _fd_saved_weights(self, weights: TensorList) -> tuple[TensorList, bool]:
+        """A copy of ``weights`` in buffers kept between products, and whether they changed since the last.
+
+        Fresh buffers at every product cost a page fault per 4 KiB (about 10 ms for 5 M weights on a CPU).
+        The copy itself is made every time, so no stale weights can come back; comparing with the previous
+        copy first (one more read) tells whether the kept ``g(w)`` of the adaptive step still holds, also
+        for weights changed through ``.data`` (no version bump).
         """
         buffers = self._fd_buffers
-        weights = [p.detach() for p in self.params]
         layout = [(w.shape, w.dtype, w.device) for w in weights]
+        changed = True
         if buffers is None or [(b.shape, b.dtype, b.device) for b in buffers] != layout:
             buffers = [torch.empty_like(w) for w in weights]
             self._fd_buffers = buffers
+        elif self._fd_center is not None:
+            changed = not all(torch.equal(b, w) for b, w in zip(buffers, weights, strict=True))
         for b, w in zip(buffers, weights, strict=True):
             b.copy_(w)
-        return buffers
+        return buffers, changed
 
     # ------------------------------------------------------------------ loss and gradient
     def loss(self) -> float:
@@ -523,9 +671,10 @@ class HessianOperator(SymmetricOperator):
         return out
 
     def clear_graphs(self) -> None:
-        """Free the first-order graphs kept by ``keep_graph=True`` (and the finite-difference weight copy)."""
+        """Free the first-order graphs kept by ``keep_graph=True`` (and the finite-difference buffers)."""
         self._graphs.clear()
         self._fd_buffers = None
+        self._fd_center = None
 
     # ------------------------------------------------------------------ errors
     @staticmethod
@@ -557,11 +706,12 @@ def hessian_operator(
     fd_eps: float | None = None,
     keep_graph: bool | str = False,
     progress: bool = False,
+    fd_mode: str | None = None,
 ) -> HessianOperator:
     """The Hessian of the causal-LM loss of ``model`` on ``batches`` as an operator (see :class:`HessianOperator`)."""
     return HessianOperator(
         model, batches, params=params, method=method, reduction=reduction, fd_eps=fd_eps,
-        keep_graph=keep_graph, progress=progress,
+        keep_graph=keep_graph, progress=progress, fd_mode=fd_mode,
     )
 
 

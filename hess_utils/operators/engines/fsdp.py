@@ -1,10 +1,12 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``): Hessian-vector products by finite differences.
 
 Double backward does not survive FSDP (measured: the gradient comes back without a graph), so, as in the
-foundation-scale paper, ``H v ~ (g(w + h v) - g(w - h v)) / (2 h)`` with the step rule of the core,
-``h = eps * <|v|, |w|> / ||v||^2`` (:func:`~hess_utils.operators.hessian.fd_step_size`, the inner product
-summed over the local shards and all-reduced). The perturbation is applied to each rank's local shard: ``v``
-is split with ``distribute_tensor`` using the parameter's own placements, and only the local piece is added.
+foundation-scale paper, ``H v ~ (g(w + h v) - g(w - h v)) / (2 h)`` with the core's adaptive step
+(:mod:`hess_utils.operators.hessian`): the first step ``h = eps * <|v|, |w|> / ||v||^2``
+(:func:`~hess_utils.operators.hessian.fd_step_size`, the inner product summed over the local shards and
+all-reduced), the norms of the step model all-reduced over the shards, so every rank takes the same
+steps. The perturbation is applied to each rank's local shard: ``v`` is split with ``distribute_tensor``
+using the parameter's own placements, and only the local piece is added.
 
 Vectors are full (replicated) tensors shaped like the parameters, identical on every rank, so every
 algorithm runs unchanged; ``H v`` is all-gathered to full tensors. Batches are dealt over ranks as in
@@ -123,31 +125,24 @@ class FSDPHessianOperator(DataParallelHessianOperator):
             out.append(g * self.scale)
         return out
 
-    def _fd_hvp(self, v: TensorList, factor: float = 1.0) -> TensorList:
+    # Finite-difference hooks of the core (HessianOperator._fd_hvp): each rank moves its own shards.
+    def _fd_weights(self) -> TensorList:
+        return [_local(p).detach() for p in self.params]
+
+    def _fd_direction(self, v: TensorList) -> TensorList:
+        return self._local_pieces(v)
+
+    def _fd_gradient(self) -> TensorList:
+        return self._sharded_gradient_sum()
+
+    def _fd_sq_norm(self, x) -> float:
+        return self._local_sq_norm(x)
+
+    def _fd_assemble(self, d: TensorList) -> TensorList:
         from torch.distributed.tensor import DTensor
 
-        h = self.fd_step(v)
-        if h == 0:
-            return [torch.zeros_like(x) for x in v]
-        pieces = self._local_pieces(v)
-        shards = [_local(p) for p in self.params]
-        saved = [s.detach().clone() for s in shards]
-        try:
-            with torch.no_grad():
-                for s, piece in zip(shards, pieces, strict=True):
-                    s.add_(piece, alpha=h)
-            g_plus = self._sharded_gradient_sum()
-            with torch.no_grad():
-                for s, w, piece in zip(shards, saved, pieces, strict=True):
-                    s.copy_(w).add_(piece, alpha=-h)
-            g_minus = self._sharded_gradient_sum()
-        finally:
-            with torch.no_grad():
-                for s, w in zip(shards, saved, strict=True):
-                    s.copy_(w)
         out = []
-        for p, gp, gm in zip(self.params, g_plus, g_minus, strict=True):
-            local = (gp - gm).mul_(factor / (2 * h))
+        for p, local in zip(self.params, d, strict=True):
             if hasattr(p, "placements"):
                 local = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
                                            stride=p.stride()).full_tensor()
