@@ -15,6 +15,7 @@ provenance. Targets (issue 13): float32 within 1e-3, float64 within 1e-7, adapti
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -64,9 +65,11 @@ def model_rows(name: str, sequences: int, seq_len: int) -> list[dict]:
             for kind, v in vecs.items():
                 out = op.matvec([b.to(dtype) for b in v])
                 err = float((flat64(out) - refs[kind]).norm() / refs[kind].norm())
+                del out
                 rows.append({"model": name, "dtype": str(dtype).split(".")[1], "mode": mode, "vector": kind,
                              "error": err, "gradients": op.last_fd.gradients,
                              "steps": list(op.last_fd.steps), "taus": list(op.last_fd.taus)})
+            del op
         del model
     return rows
 
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         t0 = time.perf_counter()
         rows += model_rows(name, args.sequences, args.seq_len)
+        gc.collect()  # a float64 model, its vectors and products: about 10 GB for SmolLM2-135M
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     table = summary(rows) + "\n" + markdown(rows)
     print(table)

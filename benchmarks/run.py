@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import systems as S  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-HVP_SYSTEMS = [S.GRADIENT, *S.PEERS, "ours-rebuilt", "ours-kept", "ours-kept-pair", "ours-fd"]
+HVP_SYSTEMS = [S.GRADIENT, *S.PEERS, "ours-rebuilt", "ours-kept", "ours-kept-pair", "ours-fd", "ours-fd-fixed"]
 SLQ_SYSTEMS = ["pyhessian", "eigenthings", "curvlinops", "eigenthings-fd", "ours-kept", "ours-kept-pair"]
 
 

@@ -159,11 +159,11 @@ def _curvlinops_slq(op, iters, probes, seed):
 
 
 # ---------------------------------------------------------------------------------------------- hess_utils
-def _ours_setup(method, keep_graph=False):
+def _ours_setup(method, keep_graph=False, fd_mode=None):
     def setup(model, batch, params):
         from hess_utils.operators.hessian import HessianOperator
 
-        return HessianOperator(model, [batch], method=method, keep_graph=keep_graph)
+        return HessianOperator(model, [batch], method=method, keep_graph=keep_graph, fd_mode=fd_mode)
 
     return setup
 
@@ -205,7 +205,9 @@ SYSTEMS: dict[str, System] = {
     "ours-kept-pair": System("hess_utils rev-rev kept, 2 vectors per matmat", _ours_setup("rev-rev", "auto"),
                              _ours_hvp_pair, _ours_slq(probes_at_once=2),
                              "time per vector; SLQ: both probes advanced together (one batched double backward)"),
-    "ours-fd": System("hess_utils central FD, scaled step", _ours_setup("fd"), _ours_hvp),
+    "ours-fd": System("hess_utils central FD, adaptive step (default, 4 gradients)", _ours_setup("fd"), _ours_hvp),
+    "ours-fd-fixed": System("hess_utils central FD, fixed step (2 gradients)", _ours_setup("fd", fd_mode="fixed"),
+                            _ours_hvp),
 }
 PEERS = ("pyhessian", "eigenthings", "curvlinops", "eigenthings-fd")
 

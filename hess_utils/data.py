@@ -108,7 +108,7 @@ import torch
 
 from hess_utils._io import atomic_path
 from hess_utils.paths import cache_dir
-from hess_utils.progress import progress_bar
+from hess_utils.progress import progress_bar, quiet_library_bars
 
 __all__ = [
     "EMBEDDED_DATASETS",
@@ -793,13 +793,14 @@ def _load_embedded(folder: Path, split: str, meta: dict[str, Any]) -> list[str]:
     expected = meta["counts"][split]
     texts: list[str] = []
     for mode in (None, "force_redownload"):  # a stale datasets cache is regenerated
-        ds = datasets.load_dataset(
-            "json",
-            data_files={"train": str(path)},
-            split="train",
-            cache_dir=str(cache_dir("hf_datasets")),
-            download_mode=mode,
-        )
+        with quiet_library_bars():
+            ds = datasets.load_dataset(
+                "json",
+                data_files={"train": str(path)},
+                split="train",
+                cache_dir=str(cache_dir("hf_datasets")),
+                download_mode=mode,
+            )
         texts = list(ds["text"])
         if len(texts) == expected["documents"] and sum(map(len, texts)) == expected["characters"]:
             break
@@ -854,7 +855,8 @@ def _local_texts(path: Path, split: str) -> list[str]:
     use_named = path.is_dir() and all(named.values())
     data_files = named[split] if use_named else [str(p) for p in files]
     try:
-        ds = datasets.load_dataset(builder, data_files={"train": data_files}, split="train")
+        with quiet_library_bars():
+            ds = datasets.load_dataset(builder, data_files={"train": data_files}, split="train")
     except Exception as err:  # noqa: BLE001 - any reader error becomes one readable message
         raise ValueError(
             f"Could not read {str(path)!r} with datasets' {builder!r} loader: "

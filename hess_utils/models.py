@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from hess_utils._io import atomic_path
 from hess_utils.operators.engines.device_map import check_materialised, validate_device_map
 from hess_utils.paths import cache_dir
+from hess_utils.progress import progress_bar, quiet_library_bars, set_postfix
 from hess_utils.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -412,7 +413,8 @@ def _build_smollm2(out: Path) -> None:
     if diff > 1e-5 * float(ref.abs().max()):
         raise RuntimeError(f"re-wrapped SmolLM2 differs from the GGUF-loaded one (max logit diff {diff})")
     del quantized
-    model.save_pretrained(str(out))
+    with quiet_library_bars():
+        model.save_pretrained(str(out))
     _save_tokenizer(tokenizer, out)
     provenance = {
         "name": SMOLLM2,
@@ -477,7 +479,6 @@ def train_tiny_model(
     from transformers import AutoModelForCausalLM
 
     from hess_utils.data import load_batches
-    from hess_utils.progress import progress_bar, set_postfix
 
     r = TRAIN_RECIPE
     steps, bs, seq_len = r["steps"], r["batch_size"], r["seq_len"]
@@ -552,7 +553,8 @@ def _build_tiny(name: str, out: Path) -> None:
     model, record = train_tiny_model(name, tokenizer)
     record["tokenizer_sha256"] = file_sha256(tok_dir / "tokenizer.json")
     out.mkdir(parents=True)
-    model.save_pretrained(str(out))
+    with quiet_library_bars():
+        model.save_pretrained(str(out))
     _save_tokenizer(tokenizer, out)
     (out / "train.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     model_type = TINY_CONFIGS[name][0]
@@ -720,7 +722,8 @@ def load_model(
                               "attn_implementation": attn_implementation}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with quiet_library_bars():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     check_materialised(model)
     removed = _remove_padding_idx(model)
     model.eval()

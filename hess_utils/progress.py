@@ -11,9 +11,10 @@ which in a log writes one update per call whatever the interval.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -64,3 +65,29 @@ def set_postfix(bar: tqdm, text: str | None = None, **values: Any) -> None:
         bar.set_postfix_str(text, refresh=False)
     else:
         bar.set_postfix(refresh=False, **values)
+
+
+@contextlib.contextmanager
+def quiet_library_bars() -> Iterator[None]:
+    """In a log, silence the bars of ``datasets`` and ``transformers`` for this block (restored after).
+
+    Their bars ("Generating train split", "Loading weights") redraw at every step, whatever the interval.
+    Live, in a terminal or notebook, they are left as they are.
+    """
+    if interactive():
+        yield
+        return
+    import datasets
+    import transformers
+
+    datasets_on = datasets.is_progress_bar_enabled()
+    transformers_on = transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            transformers.utils.logging.enable_progress_bar()

@@ -137,6 +137,11 @@ def test_second_fd_step_follows_the_truncation_model():
     assert second_fd_step(2.0, 1e-6, tol) == 1.0  # never more than half the first step
     assert second_fd_step(1.0, 1e6, tol) == FD_MIN_STEP_RATIO
     assert second_fd_step(1.0, float("inf"), tol) == FD_MIN_STEP_RATIO
+    from hess_utils.operators.hessian import asymptotic
+
+    assert asymptotic(1.0, 0.2, 0.1, 0.02, 0.05) and asymptotic(1.0, 0.2, 0.5, 0.1, 0.01)
+    assert not asymptotic(1.0, 0.2, 0.1, 1e-6, 0.05)  # tau did not shrink with the step: a kink at h1
+    assert not asymptotic(1.0, 0.2, 0.1, 0.02, 0.5)  # the two differences disagree
     # Richardson on D(h) = 3 + 5 h^2 (no h^4 term) is exact.
     d = {h: 3 + 5 * h**2 for h in (0.1, 0.03)}
     assert math.isclose(d[0.03] + extrapolation_weight(0.1 / 0.03) * (d[0.03] - d[0.1]), 3, rel_tol=1e-13)
