@@ -51,14 +51,28 @@ def test_vectors(exact) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.
     return vecs, refs
 
 
-def model_rows(name: str, sequences: int, seq_len: int) -> list[dict]:
+def cached_test_vectors(exact, cache: str | None, key: str):
+    """:func:`test_vectors`, read from / written to ``cache/key.pt`` when a cache folder is given."""
+    if cache is None:
+        return test_vectors(exact)
+    path = Path(cache) / f"{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    out = test_vectors(exact)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+def model_rows(name: str, sequences: int, seq_len: int, cache: str | None = None,
+               dtypes: list[str] | None = None) -> list[dict]:
     m64, tok = load_model(name, dtype=torch.float64)
     batches = load_batches("wiki", tok, seq_len=seq_len, num_sequences=sequences, batch_size=min(2, sequences))
     exact = hessian_operator(m64, batches, method="rev-rev")
-    vecs, refs = test_vectors(exact)
+    vecs, refs = cached_test_vectors(exact, cache, f"{name}-{sequences}x{seq_len}")
     del exact
     rows = []
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (getattr(torch, d) for d in (dtypes or ["float32", "float64"])):
         model = m64 if dtype == torch.float64 else load_model(name, dtype=dtype)[0]
         for mode in ("adaptive", "fixed"):
             op = hessian_operator(model, batches, method="fd", fd_mode=mode)
@@ -126,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequences", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--out", default=str(RESULTS / "fd_accuracy"))
+    parser.add_argument("--cache", default=None, help="folder for the exact vectors and products (re-runs)")
+    parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--u-curve", metavar="MODEL", help="print the fixed-step U-curves of MODEL instead")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for name in args.models.split(","):
         t0 = time.perf_counter()
-        rows += model_rows(name, args.sequences, args.seq_len)
+        rows += model_rows(name, args.sequences, args.seq_len, args.cache, args.dtypes.split(","))
         gc.collect()  # a float64 model, its vectors and products: about 10 GB for SmolLM2-135M
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     table = summary(rows) + "\n" + markdown(rows)

@@ -245,7 +245,7 @@ def ghost_table(
 
 
 def prefix_ritz(alphas: np.ndarray, betas: np.ndarray, k: int, unit_roundoff: float,
-                reorth: str = "none", dim: int | None = None) -> pd.DataFrame:
+                reorth: str = "none", dim: int | None = None, last_beta: float | None = None) -> pd.DataFrame:
     """The Ritz table of the first ``k`` Lanczos steps: ``value, weight, ghost, residual`` (ascending values).
 
     :math:`T_k` is the leading ``k x k`` block of a longer run's Lanczos matrix; ``weight`` is the squared first
@@ -264,7 +264,12 @@ def prefix_ritz(alphas: np.ndarray, betas: np.ndarray, k: int, unit_roundoff: fl
     if not 1 <= k <= alphas.size:
         raise ValueError(f"k must lie in [1, {alphas.size}] (the run's iterations), got {k}")
     values, vectors = tridiagonal_eigh(alphas[:k], betas[: k - 1])
-    last = float(betas[k - 1]) if betas.size >= k else 0.0
+    if betas.size >= k:
+        last = float(betas[k - 1])
+    elif last_beta is not None:
+        last = float(last_beta)
+    else:  # a zero here would make every residual zero: the whole run's table needs its final beta
+        raise ValueError(f"k = {k} is the run's last step: pass last_beta=run.last_beta for its residuals")
     residual = np.abs(last * vectors[-1, :])
     ghost = (cullum_willoughby_mask(alphas[:k], betas[: k - 1], values, unit_roundoff=unit_roundoff,
                                     residual_estimates=residual, dim=dim) if reorth == "none"

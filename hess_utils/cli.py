@@ -439,10 +439,31 @@ def _record(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         "command": args.command, "model": args.model, "data": args.data, "split": args.split, "seed": args.seed,
         "parameters": {k: v for k, v in vars(args).items() if k != "command"},
         "model_provenance": getattr(setup.model, "hess_provenance", None), "dim": op.dim, "method": op.method,
+        "keep_graph": getattr(op, "keep_graph_mode", None), "fd_mode": getattr(op, "fd_mode", None),
         "num_tokens": op.num_tokens, "loss": op.loss(), "engine": setup.engine, "world_size": setup.world_size,
         "backend": setup.backend, "rank_devices": setup.rank_devices,
         "num_batches": -(-args.num_sequences // args.batch_size),
     }
+
+
+def gradient_seconds(op: Any, repeats: int = 2) -> float:
+    """Wall time of one gradient of the operator's loss on its batches (the fastest of ``repeats``)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        op.gradient()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def product_timings(op: Any, gradient_s: float, load_s: float) -> dict[str, Any]:
+    """run.json's ``timings``: loading, one gradient, the median product and their ratio (this session)."""
+    import statistics
+
+    seconds = op.product_seconds
+    median = statistics.median(seconds) if seconds else None
+    return {"load_s": load_s, "gradient_s": gradient_s, "products": len(seconds), "median_product_s": median,
+            "product_per_gradient": median / gradient_s if median is not None and gradient_s > 0 else None}
 
 
 def _describe(args: argparse.Namespace, setup: Setup) -> None:
@@ -491,12 +512,13 @@ def run_spectrum(args: argparse.Namespace) -> Path:
     with _Closing(build(args)) as setup:
         op = setup.op
         _describe(args, setup)
+        gradient_s = gradient_seconds(op)
         t1 = time.perf_counter()
         result = checkpoint.run_slq(
             op, num_iters=args.num_iters, num_probes=args.probes, run_dir=out, reorth=args.reorth, seed=args.seed,
             probe=args.probe_kind, checkpoint_every=args.checkpoint_every, config=config,
             progress=not args.no_progress,
-            record=lambda: {**_record(args, setup), "timings": {"load_s": setup.load_s}},
+            record=lambda: {**_record(args, setup), "timings": product_timings(op, gradient_s, setup.load_s)},
         )
         elapsed = time.perf_counter() - t1
         top = max(float(r.ritz_values.max()) for r in result.runs)

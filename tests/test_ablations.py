@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from hess_utils import ablations
@@ -26,8 +27,15 @@ def test_prefix_ritz_is_the_run_of_k_steps():
     np.testing.assert_allclose(table.value, short.ritz_values, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(table.weight, short.ritz_weights, rtol=1e-8, atol=1e-14)
     np.testing.assert_array_equal(table.ghost, short.ghost_mask)
-    full = ablations.prefix_ritz(long.alphas, long.betas, 30, 2.2e-16, reorth="full")
-    assert not full.ghost.any()
+    np.testing.assert_allclose(table.residual, short.residual_estimates, rtol=1e-6, atol=1e-12)
+    full_run = lanczos(as_operator(matrix), 30, reorth="full", progress=False, seed=2)
+    full = ablations.prefix_ritz(full_run.alphas, full_run.betas, 30, 2.2e-16, reorth="full",
+                                 last_beta=full_run.last_beta)
+    # The whole run's table: its residuals are the run's own (they were all zero when the final beta was lost).
+    np.testing.assert_allclose(full.residual, full_run.residual_estimates, rtol=1e-10, atol=1e-14)
+    assert full.residual.max() > 1e-6
+    with pytest.raises(ValueError, match="last_beta"):
+        ablations.prefix_ritz(full_run.alphas, full_run.betas, 30, 2.2e-16, reorth="full")
 
 
 def test_ghost_table_counts_copies_only_without_reorthogonalisation():

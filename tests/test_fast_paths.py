@@ -65,6 +65,23 @@ def test_keep_graph_auto_keeps_and_falls_back_with_a_warning(monkeypatch):
         hessian_operator(model, batches, keep_graph="sometimes")
 
 
+def test_default_keeps_the_graph_and_drops_it_after_an_optimizer_step():
+    model = tiny_model("llama")
+    batches = tiny_batches(pad=True)
+    op = hessian_operator(model, batches, method="rev-rev")
+    assert op.keep_graph_mode == "auto"
+    v = op.random_vector("gaussian", 4)
+    first = op.matvec(v)
+    assert op._graphs  # kept
+    with torch.no_grad():  # what an optimizer step does: in place, so the versions move
+        for p in op.params:
+            p.mul_(1.01)
+    after = op.matvec(v)
+    fresh = hessian_operator(model, batches, method="rev-rev", keep_graph=False).matvec(v)
+    assert rel(V.flatten(after), V.flatten(fresh)) < 1e-12
+    assert rel(V.flatten(after), V.flatten(first)) > 1e-4  # the step matters: stale graphs would show
+
+
 def test_fd_in_place_path_matches_the_formula_and_restores_weights_bit_for_bit():
     model = tiny_model("gpt_neox")
     batches = tiny_batches(pad=True)

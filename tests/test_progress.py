@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+from tqdm.auto import tqdm
+
 from hess_utils import progress
 
 
@@ -25,7 +27,8 @@ def test_a_bar_in_a_log_redraws_at_most_every_interval_even_with_postfixes(monke
 def test_a_live_bar_keeps_tqdm_defaults_and_the_environment_wins(monkeypatch):
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     monkeypatch.setattr(progress, "interactive", lambda: True)
-    assert progress.progress_bar(range(3), file=io.StringIO()).mininterval == 0.1
+    plain = tqdm(range(3), file=io.StringIO())  # tqdm's own default (TQDM_MININTERVAL as read at its import)
+    assert progress.progress_bar(range(3), file=io.StringIO()).mininterval == plain.mininterval
     monkeypatch.setattr(progress, "interactive", lambda: False)
     monkeypatch.setenv("TQDM_MININTERVAL", "5")
     assert progress.progress_bar(range(3), file=io.StringIO()).mininterval == 5

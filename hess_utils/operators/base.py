@@ -7,6 +7,7 @@ computes ``H v`` for a symmetric ``H`` of size ``dim x dim``.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -55,12 +56,25 @@ class SymmetricOperator(ABC):
         """``H v`` for a vector list ``v`` (blocks shaped like :attr:`shapes`, on :attr:`devices`).
 
         Blocks on another device or in another dtype are moved; wrong shapes or counts are refused.
+        The wall time of each product is appended to :attr:`product_seconds`.
         """
-        return self._matvec(self.check_vector(v))
+        start = time.perf_counter()
+        out = self._matvec(self.check_vector(v))
+        self.record_product_time(time.perf_counter() - start, 1)
+        return out
 
     def matmat(self, vectors: Sequence[Sequence[torch.Tensor]]) -> list[TensorList]:
         """``[H v for v in vectors]``; operators that can batch the products override this."""
         return [self.matvec(v) for v in vectors]
+
+    @property
+    def product_seconds(self) -> list[float]:
+        """Wall time of every product so far, in seconds (a batched product counts its share per vector)."""
+        return self.__dict__.setdefault("_product_seconds", [])
+
+    def record_product_time(self, seconds: float, count: int) -> None:
+        """Note ``count`` products that took ``seconds`` together (operators that batch call this)."""
+        self.product_seconds.extend([seconds / count] * count)
 
     def __matmul__(self, v: Sequence[torch.Tensor]) -> TensorList:
         return self.matvec(v)

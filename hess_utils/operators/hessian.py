@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -246,12 +247,12 @@ class HessianOperator(SymmetricOperator):
         ``eps``, 2 gradients, accurate on random vectors only.
     keep_graph
         ``"rev-rev"`` only: keep each batch's first-order graph between products, so every later product
-        costs one backward pass instead of forward + backward + double backward (about 2.0 gradients
-        instead of 3.4 measured on the benchmark GPT-2 shape). Memory grows by one graph per batch; use
-        it when the batches are fixed and memory allows. ``"auto"`` keeps a batch's graph only when it fits: its size
-        is measured while it is built (saved tensors, parameters excluded) and kept when at least twice
-        that stays free on its device; otherwise, or when a kept product runs out of memory, every later
-        product rebuilds its graph, with a warning saying so.
+        costs one backward pass instead of forward + backward + double backward (benchmarks/RESULTS.md).
+        Memory grows by one graph per batch. ``"auto"`` (the default) keeps a batch's graph only when it
+        fits: its size is measured while it is built (saved tensors, parameters excluded) and kept when at
+        least twice that stays free on its device; otherwise, or when a kept product runs out of memory,
+        every later product rebuilds its graph, with a warning saying so (``keep_graph_mode`` then reads
+        ``"never"``). ``False`` rebuilds every time (for batches or weights that change between products).
 
     Notes
     -----
@@ -268,7 +269,7 @@ class HessianOperator(SymmetricOperator):
         method: str = "auto",
         reduction: str = "mean",
         fd_eps: float | None = None,
-        keep_graph: bool | str = False,
+        keep_graph: bool | str = "auto",
         progress: bool = False,
         fd_mode: str | None = None,
     ) -> None:
@@ -322,6 +323,7 @@ class HessianOperator(SymmetricOperator):
         if self.num_tokens == 0:
             raise ValueError("the batches contain no predicted token (all padding, or sequences of length 1)")
         self._graphs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._graph_versions: tuple[int, ...] | None = None  # parameter versions the kept graphs were built at
         self._fd_buffers: TensorList | None = None  # the weight copy of "fd", kept between products
         self.num_matvecs = 0
 
@@ -351,6 +353,7 @@ class HessianOperator(SymmetricOperator):
                 out = self._fd_hvp(v, self.scale)
         else:
             local = None
+            self._drop_stale_graphs()
             with hessian_context(self.model, exact=True):
                 for index, batch in enumerate(self._batch_iter("H v")):
                     part = self._rev_rev(index, batch, v) if self.method == "rev-rev" else self._fwd_rev(batch, v)
@@ -371,20 +374,23 @@ class HessianOperator(SymmetricOperator):
         """
         checked = [self.check_vector(v) for v in vectors]
         if len(checked) < 2 or self.method != "rev-rev" or not self._batched_ok:
-            return [self._matvec(v) for v in checked]
+            return [self.matvec(v) for v in checked]
+        start = time.perf_counter()
         k = len(checked)
+        self._drop_stale_graphs()
         stacked = [torch.stack(blocks) for blocks in zip(*checked, strict=True)]
         with hessian_context(self.model, exact=True):
             local = None
             for index, batch in enumerate(self._batch_iter("H V")):
                 part = self._rev_rev_batched(index, batch, stacked)
                 if part is None:  # no batching rule: fall back for good
-                    return [self._matvec(v) for v in checked]
+                    return [self.matvec(v) for v in checked]
                 local = _accumulate(local, part)
         out = self._reduce(local if local is not None else [torch.zeros_like(x) for x in stacked])
         V.scale_(self.scale, out)
         self._check_finite(out)
         self.num_matvecs += k
+        self.record_product_time(time.perf_counter() - start, k)
         return [[block[i] for block in out] for i in range(k)]
 
     def _batch_iter(self, desc: str):
@@ -409,6 +415,16 @@ class HessianOperator(SymmetricOperator):
                 )
             self.graph_bytes = saved.total
             return grads
+
+    def _drop_stale_graphs(self) -> None:
+        """Forget kept graphs built at other weights: an in-place update (an optimizer step) bumps versions.
+
+        Weights written through ``.data`` bump nothing; call :meth:`clear_graphs` after such a change.
+        """
+        versions = tuple(p._version for p in self.params)
+        if self._graphs and getattr(self, "_graph_versions", None) != versions:
+            self._graphs.clear()
+        self._graph_versions = versions
 
     def _graph(self, index: int, batch: L.Batch) -> tuple[tuple[torch.Tensor, ...], bool]:
         """The first-order graph of batch ``index`` and whether it is kept (so must be retained)."""
@@ -736,7 +752,7 @@ def hessian_operator(
     method: str = "auto",
     reduction: str = "mean",
     fd_eps: float | None = None,
-    keep_graph: bool | str = False,
+    keep_graph: bool | str = "auto",
     progress: bool = False,
     fd_mode: str | None = None,
 ) -> HessianOperator:

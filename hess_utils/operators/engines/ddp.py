@@ -64,7 +64,7 @@ class DataParallelHessianOperator(HessianOperator):
         method: str = "auto",
         reduction: str = "mean",
         fd_eps: float | None = None,
-        keep_graph: bool = False,
+        keep_graph: bool | str = "auto",
         progress: bool = False,
         group=None,
     ) -> None:
