@@ -88,12 +88,15 @@ def model_rows(name: str, sequences: int, seq_len: int, cache: str | None = None
     return rows
 
 
-def u_curve(name: str, sequences: int, seq_len: int) -> str:
+def u_curve(name: str, sequences: int, seq_len: int, cache: str | None = None,
+            dtypes: list[str] | None = None) -> str:
     """Error of one fixed central pair (``fd_eps`` given) over the relative step, per dtype and vector."""
     m64, tok = load_model(name, dtype=torch.float64)
     batches = load_batches("wiki", tok, seq_len=seq_len, num_sequences=sequences, batch_size=min(2, sequences))
-    vecs, refs = test_vectors(hessian_operator(m64, batches, method="rev-rev"))
+    vecs, refs = cached_test_vectors(hessian_operator(m64, batches, method="rev-rev"), cache,
+                                     f"{name}-{sequences}x{seq_len}")
     grids = {torch.float32: [4e-3 / 2**k for k in range(13)], torch.float64: [1e-4 / 4**k for k in range(9)]}
+    grids = {k: v for k, v in grids.items() if str(k).split(".")[1] in (dtypes or ["float32", "float64"])}
     lines = []
     for dtype, grid in grids.items():
         model = m64 if dtype == torch.float64 else load_model(name, dtype=dtype)[0]
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.u_curve:
-        text = u_curve(args.u_curve, args.sequences, args.seq_len)
+        text = u_curve(args.u_curve, args.sequences, args.seq_len, args.cache, args.dtypes.split(","))
         print(text)
         write_text(str(RESULTS / f"fd_u_curve_{args.u_curve}.md"), text + "\n")
         return 0
