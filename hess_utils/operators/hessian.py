@@ -604,7 +604,9 @@ class HessianOperator(SymmetricOperator):
         weights, direction = self._fd_weights(), self._fd_direction(v)
         saved, changed = self._fd_saved_weights(weights)
         adaptive = self.fd_mode == "adaptive"
-        if adaptive and (changed or self._fd_center is None):
+        # Under DDP/FSDP every rank must take the same branch (the gradient is a collective), and a change
+        # may touch only some ranks' shards: the decision is summed over ranks (identity on one process).
+        if adaptive and self._sum_scalar(float(changed or self._fd_center is None)) > 0:
             self._fd_center = None
             self._fd_center = self._fd_gradient()
             self.num_gradients += 1
