@@ -27,7 +27,7 @@ Methods
        models measure between 0.08 and 2.3 ``tau^2``), which scales with ``h^2``: the
        second step ``h2`` brings it to an eighth of ``FD_TOLERANCE[dtype]``, at most ``h1 / 2``
        (:func:`second_fd_step`). Near-quadratic directions (most random vectors) get ``h1 / 2``; the
-       vectors Lanczos multiplies, concentrated on embedding rows, get a step 10-40 times smaller.
+       vectors Lanczos multiplies, concentrated on embedding rows, get a step 10-256 times smaller.
     3. When the two differences agree to a quarter of the tolerance, ``D(h1)`` is returned (truncation
        is negligible there and its rounding the smallest). Else Richardson's combination
        ``D(h2) + (D(h2) - D(h1)) / ((h1 / h2)^2 - 1)`` removes the ``h^2`` term
