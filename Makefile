@@ -61,6 +61,8 @@ test-latest: | $(UV)
 	$(PYTHON) -m venv $(LATEST)
 	$(UV) pip install -q --python $(LATEST)/bin/python $(TORCH_SOURCE) "torch==2.13.0" --upgrade -e ".[dev]" setuptools
 	$(LATEST)/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+	@echo "== how the newest releases differ from requirements.lock (information, not a failure)"
+	-$(LATEST)/bin/python scripts/check_lock.py requirements.lock
 	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m hess_utils prepare
 	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 

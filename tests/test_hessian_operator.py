@@ -66,7 +66,27 @@ def test_fd_default_is_accurate_on_random_and_krylov_vectors_in_both_dtypes(fami
         for x in vectors:
             hv = V.flatten(op.matvec([b.to(dtype) for b in V.unflatten(x, template)])).double()
             assert rel(hv, H @ x) < (1e-3 if dtype == torch.float32 else 1e-7), (dtype, op.last_fd)
-            assert op.last_fd.gradients == 4 and len(op.last_fd.steps) == 2
+            assert len(op.last_fd.steps) in (2, 3) and op.last_fd.gradients == 2 * len(op.last_fd.steps)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_first_step_far_too_large_is_recovered_by_a_third_pair(family):
+    """A first step 2500 times the default (as an unluckily scaled vector would get) saturates tau: the second
+    step is then placed too large, and the third pair, its Richardson partner, must still reach 1e-3 in
+    float32 (measured here: 1.9e-5 to 1.2e-4)."""
+    model64 = tiny_model(family)
+    batches = tiny_batches(pad=True)
+    H = dense_hessian(model64, batches)
+    op = hessian_operator(tiny_model(family, dtype=torch.float32), batches, method="fd")
+    op.fd_eps = 2500 * op.fd_eps
+    template = op.zeros()
+    pairs = []
+    for x in [V.flatten(op.random_vector("gaussian", 0)).double(), *krylov_vectors(H)]:
+        hv = V.flatten(op.matvec([b.float() for b in V.unflatten(x, template)])).double()
+        assert rel(hv, H @ x) < 1e-3, op.last_fd
+        assert op.last_fd.taus[0] > 1  # the first pair is far outside the asymptotic range
+        pairs.append(len(op.last_fd.steps))
+    assert 3 in pairs
 
 
 RELU_KINKS = (
@@ -119,7 +139,7 @@ def test_fd_default_float32_on_the_embedded_models(name):
         err32 = rel(V.flatten(fd32.matvec(v32)).double(), reference)
         assert err32 < 1e-3, (name, kind, err32, fd32.last_fd)
         if rel(V.flatten(fixed32.matvec(v32)).double(), reference) > 1e-2:  # far outside the quadratic range:
-            h1, h2 = fd32.last_fd.steps
+            h1, h2 = fd32.last_fd.steps[:2]
             assert h2 < h1 / 4  # ... the second step is much smaller than the first (not just half)
 
 
@@ -137,6 +157,12 @@ def test_second_fd_step_follows_the_truncation_model():
     assert second_fd_step(2.0, 1e-6, tol) == 1.0  # never more than half the first step
     assert second_fd_step(1.0, 1e6, tol) == FD_MIN_STEP_RATIO
     assert second_fd_step(1.0, float("inf"), tol) == FD_MIN_STEP_RATIO
+    from hess_utils.operators.hessian import FD_PARTNER_TAU, third_fd_step
+
+    assert third_fd_step(1.0, 0.01, FD_PARTNER_TAU / 4, tol) == 0.02  # a Richardson partner, larger: less rounding
+    assert third_fd_step(1.0, 0.5, FD_PARTNER_TAU / 4, tol) == 0.25  # ... but not the first step again
+    assert third_fd_step(1.0, 0.01, 0.9 * FD_PARTNER_TAU, tol) == 0.005  # tau near the range's end: smaller
+    assert third_fd_step(1.0, 0.01, 2.0, tol) == second_fd_step(0.01, 2.0, tol)  # h2 saturated too: as h1 was
     from hess_utils.operators.hessian import asymptotic
 
     assert asymptotic(1.0, 0.2, 0.1, 0.02, 0.05) and asymptotic(1.0, 0.2, 0.5, 0.1, 0.01)

@@ -15,7 +15,8 @@ Methods
     ``functional_call``. Never ``jvp`` of ``jacrev`` (measured 19 % off on ``F.layer_norm``).
 ``"fd"``
     Central finite differences of gradients, ``D(h) = (g(w + h v) - g(w - h v)) / (2 h)``, the step chosen
-    per product (``fd_mode="adaptive"``, the default), 4 gradients a product:
+    per product (``fd_mode="adaptive"``, the default), 4 gradients a product, 6 where the first step was far
+    too large:
 
     1. ``h1 = eps * <|v|, |w|> / ||v||^2`` (:func:`fd_step_size`: the weights ``v`` touches move by about
        ``eps`` of their own size; ``eps = DEFAULT_FD_EPS[dtype]``, large enough that rounding stays small).
@@ -32,8 +33,13 @@ Methods
        is negligible there and its rounding the smallest). Else Richardson's combination
        ``D(h2) + (D(h2) - D(h1)) / ((h1 / h2)^2 - 1)`` removes the ``h^2`` term
        when both pairs are in the asymptotic range (:func:`asymptotic`: ``tau`` shrank with the step and
-       the two differences agree to ``FD_MAX_EXTRAPOLATED_CHANGE``); otherwise ``D(h2)`` stands (a ReLU
-       kink crossed by the first step only, or rounding noise).
+       the two differences agree to ``FD_MAX_EXTRAPOLATED_CHANGE``).
+    4. Otherwise, when ``D(h2)`` itself misses the tolerance by the model (``tau2^2`` above it): ``tau1``
+       was saturated (a first step far outside the quadratic range says only "much smaller", not how
+       much), so ``h2`` was placed too large. A third pair at ``2 h2`` or ``h2 / 2`` (:func:`third_fd_step`),
+       next to a pair that is now asymptotic, is combined with ``D(h2)`` as in step 3 (6 gradients). In any
+       other case the difference at the last step stands (a ReLU kink crossed by the larger step only, or
+       rounding noise).
 
     The loss of a ReLU network is only piecewise smooth: where a pre-activation lies closer to zero than the
     step, the difference quotient is that of two pieces, not the Hessian at ``w`` (measured on the embedded
@@ -83,6 +89,9 @@ FD_MIN_STEP_RATIO = 1 / 256
 #: Extrapolate only when the two differences agree to this fraction and ``tau`` shrank with the step
 #: (within a factor of 2): the first step was in the asymptotic range.
 FD_MAX_EXTRAPOLATED_CHANGE = 0.25
+#: A pair whose ``tau`` is at most this is taken to be in the asymptotic range (truncation ``~ tau^2``):
+#: a third pair is placed next to it as its Richardson partner (:func:`third_fd_step`).
+FD_PARTNER_TAU = 0.3
 
 
 def asymptotic(h1: float, tau1: float, h2: float, tau2: float, change: float) -> bool:
@@ -101,10 +110,11 @@ class FDProduct:
     """What one finite-difference product did.
 
     ``steps``: the steps ``h`` evaluated, in order; ``taus``: ``h ||S|| / ||D||`` at each (NaN in
-    ``"fixed"`` mode); ``change``: ``||D(h1) - D(h2)|| / ||D(h2)||``, the a-posteriori error estimate of
-    the first difference (NaN with one step); ``chosen``: what was returned, ``"first"`` (``D(h1)``),
-    ``"second"`` (``D(h2)``) or ``"extrapolated"`` (Richardson's combination); ``gradients``: gradient
-    evaluations spent on it (the gradient at ``w`` is shared by all products).
+    ``"fixed"`` mode); ``change``: ``||D_big - D_small|| / ||D_small||`` of the last two pairs compared, the
+    a-posteriori error estimate of the difference at the larger step (NaN with one step); ``chosen``: what
+    was returned, ``"first"``, ``"second"`` or ``"third"`` (``D`` at ``steps[0]``, ``[1]``, ``[2]``) or
+    ``"extrapolated"`` (Richardson's combination of the last two); ``gradients``: gradient evaluations spent
+    on it, 2 per step (the gradient at ``w`` is shared by all products).
     """
 
     steps: tuple[float, ...]
@@ -140,6 +150,21 @@ def second_fd_step(h: float, tau: float, tolerance: float) -> float:
         return h * (FD_MIN_STEP_RATIO if not math.isfinite(tau) else 0.5)
     ratio = math.sqrt(tolerance / (8 * FD_TRUNCATION_FACTOR)) / tau
     return h * min(0.5, max(ratio, FD_MIN_STEP_RATIO))
+
+
+def third_fd_step(h1: float, h2: float, tau2: float, tolerance: float) -> float:
+    """The third step, after a second pair at ``h2`` whose ``tau2`` still misses the tolerance.
+
+    Where ``tau2 <= FD_PARTNER_TAU`` the second pair is in the asymptotic range and the third is its
+    Richardson partner: ``2 h2`` (less rounding) when ``tau2 <= FD_PARTNER_TAU / 2``, so that ``tau`` stays in
+    range there, and unless that is the first step again; else ``h2 / 2``. Above it, ``h2`` is treated as
+    ``h1`` was (:func:`second_fd_step`).
+    """
+    if not math.isfinite(tau2) or tau2 > FD_PARTNER_TAU:
+        return second_fd_step(h2, tau2, tolerance)
+    if tau2 <= FD_PARTNER_TAU / 2 and 2 * h2 < h1:
+        return 2 * h2
+    return h2 / 2
 
 
 def extrapolation_weight(ratio: float) -> float:
@@ -243,8 +268,8 @@ class HessianOperator(SymmetricOperator):
         fixes the step (``fd_mode="fixed"`` unless ``fd_mode`` says otherwise).
     fd_mode
         ``"adaptive"`` (default without ``fd_eps``): two central pairs, the second step chosen from the
-        first, extrapolated (module docstring), 4 gradients a product. ``"fixed"``: one central pair at
-        ``eps``, 2 gradients, accurate on random vectors only.
+        first, extrapolated (module docstring), 4 gradients a product (a third pair, 6, when the first step
+        was far off). ``"fixed"``: one central pair at ``eps``, 2 gradients, accurate on random vectors only.
     keep_graph
         ``"rev-rev"`` only: keep each batch's first-order graph between products, so every later product
         costs one backward pass instead of forward + backward + double backward (benchmarks/RESULTS.md).
@@ -626,29 +651,69 @@ class HessianOperator(SymmetricOperator):
             for block in first:  # in place: factor (g+ - g-) / (2 h) without new allocations
                 block.mul_(factor / (2 * h1))
             return self._fd_assemble(first)
-        self.num_gradients += 4
-        # D1 = first / (2 h1), D2 = second / (2 h2), both in place; the change D2 - D1 into `first`.
+        # D1 = first / (2 h1), D2 = second / (2 h2), both in place.
         for d1, d2 in zip(first, second, strict=True):
+            d1.mul_(factor / (2 * h1))
             d2.mul_(factor / (2 * h2))
-            d1.mul_(-factor / (2 * h1)).add_(d2)
-        change = math.sqrt(self._fd_sq_norm(first) / max(self._fd_sq_norm(second), 1e-300))
+        steps, taus = [h1, h2], [tau1, tau2]
+        out, chosen, change = self._fd_combine(first, h1, tau1, second, h2, tau2)
+        if chosen is None and FD_TRUNCATION_FACTOR * tau2**2 > self.fd_tolerance:
+            # The first pair was far outside the asymptotic range (tau1 saturated), so the second step was
+            # placed too large: D(h2) misses the tolerance by the model. A third pair next to it, where tau
+            # is still small, makes a Richardson partner for D(h2) (module docstring, step 4).
+            del first  # the difference D2 - D1, no longer needed
+            h3 = third_fd_step(h1, h2, tau2, self.fd_tolerance)
+            try:
+                third, tau3 = self._fd_pair(weights, saved, direction, h3, self._fd_center)
+            finally:
+                with torch.no_grad():
+                    for w, copy in zip(weights, saved, strict=True):
+                        w.copy_(copy)
+                self._fd_note_restored()
+            for d3 in third:
+                d3.mul_(factor / (2 * h3))
+            steps.append(h3)
+            taus.append(tau3)
+            out, chosen, change = self._fd_combine(second, h2, tau2, third, h3, tau3)
+            if chosen is None:  # no pair says more than the last: the smallest-tau difference stands
+                out, chosen = third, "third"
+            elif chosen == "first":  # the difference at the larger of the two steps
+                chosen = "second" if h2 > h3 else "third"
+        elif chosen is None:  # the first step says nothing (a kink crossed, or rounding noise): D(h2) stands
+            out, chosen = second, "second"
+        gradients = 2 * len(steps)
+        self.num_gradients += gradients
+        self.last_fd = FDProduct(tuple(steps), tuple(taus), change, chosen, gradients)
+        return self._fd_assemble(out)
+
+    def _fd_combine(
+        self, da: TensorList, ha: float, taua: float, db: TensorList, hb: float, taub: float
+    ) -> tuple[TensorList | None, str | None, float]:
+        """Combine two central differences ``D(ha)``, ``D(hb)``; their buffers are reused (both are consumed).
+
+        Returns ``(estimate, which, change)``: ``which`` is ``"first"``/``"second"`` for ``D`` at the
+        larger/smaller step, ``"extrapolated"`` for Richardson's combination, ``None`` (estimate ``None``)
+        when neither rule applies; ``change = ||D_big - D_small|| / ||D_small||``.
+        """
+        if ha < hb:
+            da, ha, taua, db, hb, taub = db, hb, taub, da, ha, taua
+        # da (larger step) becomes D_small - D_big; db stays D_small.
+        for big, small in zip(da, db, strict=True):
+            big.mul_(-1.0).add_(small)
+        change = math.sqrt(self._fd_sq_norm(da) / max(self._fd_sq_norm(db), 1e-300))
         if change <= self.fd_tolerance / 4:
-            # The two agree to well within the tolerance: truncation is negligible at h1, whose difference
-            # has half the rounding error of the second (and a third of the extrapolation's).
-            chosen = "first"
-            for d1, d2 in zip(first, second, strict=True):
-                d2.sub_(d1)  # D2 - (D2 - D1) = D1
-        elif asymptotic(h1, tau1, h2, tau2, change):
-            # Richardson removes the h^2 term of D2.
-            chosen = "extrapolated"
-            weight = extrapolation_weight(h1 / h2)
-            for d1, d2 in zip(first, second, strict=True):
-                d2.add_(d1, alpha=weight)
-        else:  # the first step says nothing (a kink crossed, or rounding noise): the second stands
-            chosen = "second"
-        del first
-        self.last_fd = FDProduct((h1, h2), (tau1, tau2), change, chosen, 4)
-        return self._fd_assemble(second)
+            # The two agree to well within the tolerance: truncation is negligible at the larger step, whose
+            # difference has the smaller rounding error (half the other's, a third of the extrapolation's).
+            for diff, small in zip(da, db, strict=True):
+                small.sub_(diff)  # D_small - (D_small - D_big) = D_big
+            return db, "first", change
+        if asymptotic(ha, taua, hb, taub, change):
+            weight = extrapolation_weight(ha / hb)  # Richardson removes the h^2 term of D_small
+            for diff, small in zip(da, db, strict=True):
+                small.add_(diff, alpha=weight)
+            return db, "extrapolated", change
+        # Undo nothing: the caller only needs D_small (db), which is intact.
+        return None, None, change
 
     def _fd_pair(
         self, weights: TensorList, saved: TensorList, direction: TensorList, h: float, center: TensorList | None
