@@ -10,13 +10,13 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: reproduce test install prepare lint bench clean-data lock test-latest
+.PHONY: reproduce test install prepare lint bench clean-data lock test-latest core-smoke
 
 reproduce: prepare
 	@echo "== main job: the embedded model's Hessian spectrum (see README for the time it takes)"
 	$(PY) -m hess_utils reproduce
 
-test: prepare
+test: prepare core-smoke
 	@echo "== tests (offline)"
 	$(PY) -m pytest -q
 
@@ -40,16 +40,16 @@ $(UV):
 	$(PYTHON) -m pip install -q --root-user-action=ignore --target $(TOOLS) uv==$(UV_VERSION) 2>&1 | $(PIP_FILTER)
 
 $(STAMP): pyproject.toml $(LOCK) | $(UV)
-	@echo "== installing $(LOCK) into $(VENV) with uv, then the project (no dependencies of its own)"
+	@echo "== syncing $(VENV) to $(LOCK) with uv (what the lock does not name is removed), then the project"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) --no-deps -r $(LOCK)
+	$(UV) pip sync -q --python $(PY) $(TORCH_SOURCE) $(LOCK)
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	$(PY) scripts/check_lock.py $(LOCK)
 	@touch $(STAMP)
 
 # Refresh the lock on purpose (newest releases the ranges of pyproject.toml allow), then run `make test`.
 lock: | $(UV)
-	printf "pip\nsetuptools>=68\n" | $(UV) pip compile -q pyproject.toml - --extra dev $(TORCH_SOURCE) --python-version 3.11 \
+	printf "pip\nsetuptools>=68\n" | $(UV) pip compile -q pyproject.toml - --extra harness --extra dev $(TORCH_SOURCE) --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --no-emit-index-url --no-emit-find-links \
 		--custom-compile-command "make lock" -o $(LOCK)
 
@@ -65,6 +65,16 @@ test-latest: | $(UV)
 	-$(LATEST)/bin/python scripts/check_lock.py requirements.lock
 	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m hess_utils prepare
 	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+
+# The library on its own dependencies (pyproject's [project] dependencies at the lock's versions, no harness
+# extra): hessian_operator -> slq -> gaussian_density runs and imports nothing of the harness.
+CORE := .venv-core
+core-smoke: | $(UV)
+	@echo "== the library alone: $(CORE) with pyproject's dependencies only"
+	rm -rf $(CORE)
+	$(PYTHON) -m venv $(CORE)
+	$(UV) pip install -q --python $(CORE)/bin/python $(TORCH_SOURCE) -c $(LOCK) setuptools -e .
+	$(CORE)/bin/python scripts/core_smoke.py
 
 # Idempotent: each corpus, tokenizer and model is built once and checked on later runs.
 prepare: install

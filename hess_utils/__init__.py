@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "hess_utils.models",
+    "model_provenance": "hess_utils.models",
     "load_batches": "hess_utils.data",
     "hessian_operator": "hess_utils.operators.hessian",
     "HessianOperator": "hess_utils.operators.hessian",
@@ -36,6 +37,17 @@ _EXPORTS = {
     "BlockDiagonalOperator": "hess_utils.algorithms.blocks",
     "cullum_willoughby_mask": "hess_utils.algorithms.ghosts",
     "lm_loss": "hess_utils.loss",
+    "eigsh": "hess_utils.algorithms.eigsh",
+    "EigshResult": "hess_utils.algorithms.eigsh",
+    "cg": "hess_utils.algorithms.solve",
+    "minres": "hess_utils.algorithms.solve",
+    "influence": "hess_utils.algorithms.solve",
+    "SolveResult": "hess_utils.algorithms.solve",
+    "mass_by_tensor": "hess_utils.algorithms.directions",
+    "mass_by_group": "hess_utils.algorithms.directions",
+    "gradient_overlap": "hess_utils.algorithms.directions",
+    "plot_mass_heatmap": "hess_utils.algorithms.directions",
+    "parse_parameter_name": "hess_utils.algorithms.directions",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -57,15 +69,24 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from hess_utils.algorithms.blocks import BlockDiagonalOperator, block_diagonal_error
     from hess_utils.algorithms.columns import hessian_column, threshold_table
     from hess_utils.algorithms.density import gaussian_density, log_abs_density
+    from hess_utils.algorithms.directions import (
+        gradient_overlap,
+        mass_by_group,
+        mass_by_tensor,
+        parse_parameter_name,
+        plot_mass_heatmap,
+    )
+    from hess_utils.algorithms.eigsh import EigshResult, eigsh
     from hess_utils.algorithms.ghosts import cullum_willoughby_mask
     from hess_utils.algorithms.hutchinson import hutchinson_diagonal, hutchinson_trace
     from hess_utils.algorithms.kpm import kpm_density
     from hess_utils.algorithms.lanczos import lanczos
     from hess_utils.algorithms.slq import slq
+    from hess_utils.algorithms.solve import SolveResult, cg, influence, minres
     from hess_utils.algorithms.subsets import paper_subset, subset_hessian
     from hess_utils.data import load_batches
     from hess_utils.loss import lm_loss
-    from hess_utils.models import load_model
+    from hess_utils.models import load_model, model_provenance
     from hess_utils.operators.base import SymmetricOperator
     from hess_utils.operators.dense import as_operator
     from hess_utils.operators.hessian import HessianOperator, hessian_operator

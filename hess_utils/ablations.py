@@ -69,6 +69,7 @@ def spectrum_run(
     """
     from hess_utils import checkpoint
     from hess_utils.data import load_batches
+    from hess_utils.models import model_provenance
     from hess_utils.operators.hessian import hessian_operator
 
     run_dir = Path(run_dir)
@@ -81,7 +82,7 @@ def spectrum_run(
     def record() -> dict[str, Any]:
         return {"model": model_name, "data": data, "split": split, "seq_len": seq_len,
                 "num_sequences": num_sequences, "num_tokens": op.num_tokens, "dim": op.dim, "method": op.method,
-                "loss": op.loss(), "model_provenance": getattr(model, "hess_provenance", None),
+                "loss": op.loss(), "model_provenance": model_provenance(model),
                 "parameter_devices": sorted({str(p.device) for p in op.params})}
 
     checkpoint.run_slq(op, num_iters=num_iters, num_probes=num_probes, run_dir=run_dir, reorth=reorth, seed=seed,

@@ -1,8 +1,10 @@
-"""Command line: ``python -m hess_utils {prepare,reproduce,spectrum,diagonal,column} ...`` (``--help`` on each).
+"""Command line: ``python -m hess_utils {prepare,reproduce,spectrum,diagonal,column,eigs,solve} ...`` (``--help``).
 
 ``spectrum`` runs stochastic Lanczos quadrature of the loss Hessian of a causal LM, checkpointed in a run
 folder: re-running the same command resumes an interrupted run, or returns a finished one at once.
-``diagonal`` estimates the Hessian's diagonal (Hutchinson), ``column`` computes exact Hessian columns.
+``diagonal`` estimates the Hessian's diagonal (Hutchinson), ``column`` computes exact Hessian columns,
+``eigs`` a few extreme eigenpairs (thick-restart Lanczos) with where they live and how the gradient projects
+on them, ``solve`` the damped Newton system ``(H + damping I) x = g`` for the loss gradient ``g``.
 
 Bad input prints ``error: ...`` and exits with status 2.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -24,6 +27,8 @@ DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "f
 ENGINES = ("single", "device_map", "ddp", "fsdp")
 METHODS = ("auto", "rev-rev", "fwd-rev", "fd")
 DISTRIBUTED_ENGINES = ("ddp", "fsdp")
+EIGS_WHICH = ("LA", "SA", "LM", "BE")  # hess_utils.algorithms.eigsh.WHICH, spelt out to keep --help import-free
+SOLVERS = ("cg", "minres")  # hess_utils.algorithms.solve.METHODS
 
 ENGINE_HELP = """\
 engines:
@@ -58,13 +63,44 @@ hess_utils.plotting.plot_spectrum_run(RUN_DIR, STEM).
 """
 
 
+EIGS_HELP = """\
+run folder (--out) of eigs:
+  config.json         the parameters that define the result; a re-run with other ones is refused
+  eigenvectors.pt     torch.save of a list of k dicts parameter name -> CPU tensor, in the order of eigenpairs.csv
+  mass_by_layer.csv   eigenvector,eigenvalue,group,layer,kind,numel,mass: each eigenvector's share of ||v||^2 per
+                      layer and module kind (hess_utils.algorithms.directions.mass_by_group, by="module"; rows
+                      without a layer are the embeddings, final norm and head); plot_mass_heatmap draws one
+  gradient_overlap.csv rank,index,eigenvalue,cos2,share,cumulative: cos^2 of the loss gradient with each eigenvector
+                      (most wanted first) and its share ||P_j g||^2/||g||^2 in the span of the first j
+  run.json            provenance (model, data, seed, versions, git commit, devices), the eigsh summary, timings
+  eigenpairs.csv      index,eigenvalue,residual,relative_residual,converged: ascending (written last)
+Re-running the same command into a finished folder prints so and recomputes nothing.
+"""
+
+SOLVE_HELP = """\
+run folder (--out) of solve:
+  config.json     the parameters that define the result; a re-run with other ones is refused
+  solution.pt     torch.save of a dict parameter name -> CPU tensor: x with (H + damping I) x = g
+  run.json        provenance, timings and the summary under "solve": solver, damping, tol, converged,
+                  true_residual ||g - (H + damping I) x|| / ||g||, iterations, products, ||g||, ||x||, g.x
+  residuals.csv   step,relative_residual: the solver's relative residual after each step (step 0: the start;
+                  a residual replacement adds the true residual it restarts from) (written last)
+--method is how H v is computed, as in every command; the solver is --solver.
+Re-running the same command into a finished folder prints so and recomputes nothing.
+"""
+
+
 class CLIError(ValueError):
     """Bad input on the command line (printed as ``error: ...``, exit status 2)."""
 
 
 # ---------------------------------------------------------------------------------------------- parser
-def _add_common_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by spectrum, diagonal and column: what Hessian, and where it is computed."""
+def _add_common_args(p: argparse.ArgumentParser, method_type: Any = None) -> None:
+    """Options shared by every Hessian command: what Hessian, and where it is computed.
+
+    ``method_type`` converts ``--method`` (argparse ``type``); solve passes one that points a solver name
+    given there to ``--solver``.
+    """
     g = p.add_argument_group("the Hessian")
     g.add_argument("--model", default="smollm2-135m",
                    help="embedded model name (smollm2-135m, tiny-gpt2, ...), a hub id, or a local folder written by "
@@ -89,7 +125,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the data sample and of the random probes (default: %(default)s)")
     c = p.add_argument_group("how and where it is computed")
-    c.add_argument("--method", default=None, choices=METHODS,
+    c.add_argument("--method", default=None, choices=METHODS, type=method_type,
                    help="how H v is computed: rev-rev (exact, reverse over reverse), fwd-rev (exact, forward over "
                         "reverse), fd (central finite differences of gradients), auto (rev-rev with a twice-"
                         "differentiable attention kernel, fd for flash attention) (default: auto; fd for fsdp)")
@@ -150,6 +186,45 @@ def _add_column_args(p: argparse.ArgumentParser) -> None:
                    help="threshold table of |H_ij| / max_j |H_ij| instead of |H_ij|")
 
 
+def _add_eigs_args(p: argparse.ArgumentParser) -> None:
+    _add_common_args(p)
+    s = p.add_argument_group("eigenpairs (thick-restart Lanczos, hess_utils.algorithms.eigsh)")
+    s.add_argument("--k", type=int, default=5, help="number of eigenpairs, below the dimension (default: %(default)s)")
+    s.add_argument("--which", default="LA", choices=EIGS_WHICH,
+                   help="LA largest algebraic, SA smallest algebraic, LM largest magnitude, BE both ends "
+                        "(ceil(k/2) from the top, floor(k/2) from the bottom) (default: %(default)s)")
+    s.add_argument("--tol", type=float, default=1e-6,
+                   help="relative tolerance: a pair is converged when ||H x - theta x|| <= tol * max|theta|; above "
+                        "the dtype's rounding unit (float32: 1e-5 is realistic) (default: %(default)s)")
+    s.add_argument("--max-products", type=int, default=None,
+                   help="products with H allowed in the iteration; running out writes the pairs reached, flagged "
+                        "converged=False (default: max(1000, 50 * basis size))")
+
+
+def _solver_not_method(value: str) -> str:
+    """``--method`` of solve: a solver name there is a mix-up with ``--solver``, said so."""
+    if value in SOLVERS:
+        raise argparse.ArgumentTypeError(f"{value!r} is a solver: use --solver {value} (--method is how H v is "
+                                         f"computed: {', '.join(METHODS)})")
+    return value
+
+
+def _add_solve_args(p: argparse.ArgumentParser) -> None:
+    _add_common_args(p, method_type=_solver_not_method)
+    s = p.add_argument_group("the damped system (H + damping I) x = g, g the loss gradient on the same batches")
+    s.add_argument("--damping", type=float, required=True,
+                   help="lambda >= 0 usually; cg needs H + lambda I positive definite, i.e. lambda > -lambda_min(H) "
+                        "(eigs --which SA --k 1 estimates lambda_min); minres does not")
+    s.add_argument("--solver", default="cg", choices=SOLVERS,
+                   help="cg (conjugate gradients, positive definite systems) or minres (any symmetric system) "
+                        "(default: %(default)s)")
+    s.add_argument("--tol", type=float, default=1e-6,
+                   help="relative residual ||g - (H + lambda I) x|| / ||g|| to reach (default: %(default)s)")
+    s.add_argument("--max-iters", type=int, default=None,
+                   help="iterations allowed (one product each); running out writes x with converged=false in "
+                        "run.json (default: min(2 * dim, 10000))")
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="python -m hess_utils", description=__doc__, formatter_class=fmt)
@@ -179,6 +254,16 @@ def _parser() -> argparse.ArgumentParser:
                                      "row per column), thresholds.csv (fraction of entries below 1e-12 ... 1e-1) and "
                                      "run.json.", epilog=ENGINE_HELP, formatter_class=fmt)
     _add_column_args(col)
+    eig = sub.add_parser("eigs", help="a few extreme eigenpairs of the loss Hessian, where they live, gradient overlap",
+                         description="k extreme eigenpairs of the Hessian by thick-restart Lanczos (eigsh): writes "
+                                     "eigenpairs.csv, eigenvectors.pt, mass_by_layer.csv, gradient_overlap.csv and "
+                                     "run.json.", epilog=ENGINE_HELP + "\n" + EIGS_HELP, formatter_class=fmt)
+    _add_eigs_args(eig)
+    sol = sub.add_parser("solve", help="solve (H + damping I) x = g for the loss gradient g (cg or minres)",
+                         description="The damped Newton system (H + damping I) x = g, g the gradient of the same loss "
+                                     "on the same batches: writes solution.pt, residuals.csv and run.json.",
+                         epilog=ENGINE_HELP + "\n" + SOLVE_HELP, formatter_class=fmt)
+    _add_solve_args(sol)
     return parser
 
 
@@ -202,6 +287,11 @@ def _check_args(args: argparse.Namespace) -> None:
         positive.update(num_iters=1, probes=1)
     if args.command == "diagonal":
         positive.update(probes=1)
+    if args.command == "eigs":
+        positive.update(k=1)
+    for name in ("max_products", "max_iters"):  # optional counts of eigs and solve
+        if getattr(args, name, None) is not None:
+            positive[name] = 1
     for name, minimum in positive.items():
         if getattr(args, name) < minimum:
             raise CLIError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
@@ -211,6 +301,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--checkpoint-every must be >= 0 (0: only after every probe), got {args.checkpoint_every}")
     if args.command == "column" and any(i < 0 for i in args.index):
         raise CLIError(f"--index values must be >= 0, got {args.index}")
+    if args.command in ("eigs", "solve") and not (math.isfinite(args.tol) and args.tol > 0):
+        raise CLIError(f"--tol must be a finite number > 0 (a relative residual), got {args.tol}")
+    if args.command == "solve" and not math.isfinite(args.damping):
+        raise CLIError(f"--damping must be finite, got {args.damping}")
     if getattr(args, "fd_eps", None) is not None:
         if not args.fd_eps > 0:
             raise CLIError(f"--fd-eps must be positive, got {args.fd_eps}")
@@ -252,6 +346,10 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg.update(num_probes=args.probes, probe=args.probe_kind)
     elif args.command == "column":
         cfg.update(index=list(args.index), relative=bool(args.relative))
+    elif args.command == "eigs":
+        cfg.update(k=args.k, which=args.which, tol=args.tol, max_products=args.max_products)
+    elif args.command == "solve":
+        cfg.update(damping=args.damping, solver=args.solver, tol=args.tol, max_iters=args.max_iters)
     return cfg
 
 
@@ -434,11 +532,13 @@ def build(args: argparse.Namespace) -> Setup:
 
 def _record(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     """The run.json fields every command shares (computed on every rank: the loss is a collective)."""
+    from hess_utils.models import model_provenance
+
     op = setup.op
     return {
         "command": args.command, "model": args.model, "data": args.data, "split": args.split, "seed": args.seed,
         "parameters": {k: v for k, v in vars(args).items() if k != "command"},
-        "model_provenance": getattr(setup.model, "hess_provenance", None), "dim": op.dim, "method": op.method,
+        "model_provenance": model_provenance(setup.model), "dim": op.dim, "method": op.method,
         "keep_graph": getattr(op, "keep_graph_mode", None), "fd_mode": getattr(op, "fd_mode", None),
         "num_tokens": op.num_tokens, "loss": op.loss(), "engine": setup.engine, "world_size": setup.world_size,
         "backend": setup.backend, "rank_devices": setup.rank_devices,
@@ -632,6 +732,147 @@ def run_column(args: argparse.Namespace) -> Path:
     return out
 
 
+def _save_torch(path: Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (a reader never sees half a file)."""
+    import torch
+
+    from hess_utils import _io
+
+    with _io.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _cpu_dict(op: Any, vector: Any) -> dict[str, Any]:
+    """A vector list as ``{parameter name: CPU tensor}`` (own storage: no view into a larger tensor is saved)."""
+    return {name: block.detach().to("cpu").clone() for name, block in zip(op.param_names, vector, strict=True)}
+
+
+def run_eigs(args: argparse.Namespace) -> Path:
+    """k extreme eigenpairs; writes eigenpairs.csv, eigenvectors.pt, mass_by_layer.csv, gradient_overlap.csv and
+    run.json; returns the folder.
+
+    The eigenpairs are :func:`hess_utils.algorithms.eigsh.eigsh` of the command's operator with ``--seed`` as
+    its seed, so the same call in Python gives the same numbers. The gradient for the overlaps is the loss
+    gradient on the same batches. A finished folder for the same options is returned at once.
+    """
+    import pandas as pd
+
+    from hess_utils import checkpoint, runs
+    from hess_utils.algorithms.directions import gradient_overlap, mass_by_group
+    from hess_utils.algorithms.eigsh import eigsh
+    from hess_utils.operators.engines.ddp import is_main_process
+
+    _check_args(args)
+    out = Path(args.out) if args.out else default_out(args)
+    config = run_config(args)
+    if _finished_before_loading(out, config, "eigenpairs.csv"):
+        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+        return out
+    with _Closing(build(args)) as setup:
+        op = setup.op
+        _describe(args, setup)
+        if args.k >= op.dim:
+            raise CLIError(f"--k {args.k} must be below the Hessian's dimension {op.dim:,} (select more --params, "
+                           "or compute the dense matrix)")
+        writer = is_main_process()
+        full = {**config, **checkpoint.operator_fingerprint(op)}
+        checkpoint.check_run_folder(out, full, "eigenpairs.csv", writer)
+        gradient_s = gradient_seconds(op)
+        gradient = op.gradient()  # collective under ddp/fsdp: every rank takes it
+        t1 = time.perf_counter()
+        result = eigsh(op, k=args.k, which=args.which, tol=args.tol, max_products=args.max_products, seed=args.seed,
+                       progress=not args.no_progress and writer)
+        compute_s = time.perf_counter() - t1
+        record = _record(args, setup)
+        if writer:
+            _save_torch(out / "eigenvectors.pt", [_cpu_dict(op, x) for x in result.eigenvectors])
+            masses = pd.concat([
+                mass_by_group(op, x, by="module").assign(eigenvector=i, eigenvalue=float(value))
+                for i, (value, x) in enumerate(zip(result.eigenvalues, result.eigenvectors, strict=True))
+            ], ignore_index=True)
+            first = ["eigenvector", "eigenvalue"]
+            runs.save_table(out, "mass_by_layer.csv", masses[first + [c for c in masses.columns if c not in first]])
+            overlap = gradient_overlap(result, gradient)
+            runs.save_table(out, "gradient_overlap.csv", overlap)
+            summary = {"which": result.which, "k": result.k, "tol": result.tol, "seed": result.seed,
+                       "eigenvalues": [float(x) for x in result.eigenvalues],
+                       "residuals": [float(x) for x in result.residuals], "scale": result.scale,
+                       "all_converged": result.all_converged, "num_converged": int(result.converged.sum()),
+                       "num_products": result.num_products, "num_restarts": result.num_restarts,
+                       "num_multiplicity_checks": result.num_multiplicity_checks, "basis_size": result.basis_size}
+            runs.save_run_json(out, runs.provenance(
+                **record, kind="eigs", config=full, eigsh=summary, gradient_norm=overlap.attrs["gradient_norm"],
+                gradient_share_in_top_k=float(overlap["cumulative"].iloc[-1]),
+                timings={**product_timings(op, gradient_s, setup.load_s), "compute_s": compute_s,
+                         "matvecs": op.num_matvecs},
+                files={"eigenpairs": "eigenpairs.csv", "eigenvectors": "eigenvectors.pt",
+                       "mass_by_layer": "mass_by_layer.csv", "gradient_overlap": "gradient_overlap.csv"}))
+            pairs = result.to_frame()
+            pairs.insert(0, "index", range(result.k))
+            runs.save_table(out, "eigenpairs.csv", pairs)  # last: its presence marks a finished run
+        values = ", ".join(f"{x:.6g}" for x in result.eigenvalues)
+        _say(f"{int(result.converged.sum())}/{result.k} eigenpairs ({args.which}) converged in {compute_s:.1f} s, "
+             f"{result.num_products} products: {values}; run folder {out}")
+    return out
+
+
+def run_solve(args: argparse.Namespace) -> Path:
+    """Solve ``(H + damping I) x = g`` for the loss gradient ``g``; writes solution.pt, residuals.csv, run.json.
+
+    ``x`` is :func:`hess_utils.algorithms.solve.cg` (or ``minres``) of the command's operator and its own
+    gradient, so ``-x`` is the damped Newton step. A finished folder for the same options is returned at once;
+    an indefinite ``H + damping I`` under ``--solver cg`` is an error (use a larger damping, or minres).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from hess_utils import checkpoint, runs
+    from hess_utils import vectors as V
+    from hess_utils.algorithms.solve import cg, minres
+    from hess_utils.operators.engines.ddp import is_main_process
+
+    _check_args(args)
+    out = Path(args.out) if args.out else default_out(args)
+    config = run_config(args)
+    if _finished_before_loading(out, config, "residuals.csv"):
+        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+        return out
+    with _Closing(build(args)) as setup:
+        op = setup.op
+        _describe(args, setup)
+        writer = is_main_process()
+        full = {**config, **checkpoint.operator_fingerprint(op)}
+        checkpoint.check_run_folder(out, full, "residuals.csv", writer)
+        gradient_s = gradient_seconds(op)
+        gradient = op.gradient()
+        solver = cg if args.solver == "cg" else minres
+        t1 = time.perf_counter()
+        result = solver(op, gradient, damping=args.damping, tol=args.tol, max_iters=args.max_iters,
+                        progress=not args.no_progress and writer)
+        compute_s = time.perf_counter() - t1
+        record = _record(args, setup)
+        summary = {"solver": result.method, "damping": result.damping, "tol": result.tol,
+                   "converged": result.converged, "true_residual": result.true_residual,
+                   "num_iters": result.num_iters, "num_products": result.num_products,
+                   "num_replacements": result.num_replacements, "gradient_norm": V.norm(gradient),
+                   "solution_norm": V.norm(result.x), "gradient_dot_solution": V.dot(gradient, result.x)}
+        if writer:
+            _save_torch(out / "solution.pt", _cpu_dict(op, result.x))
+            runs.save_run_json(out, runs.provenance(
+                **record, kind="solve", config=full, solve=summary,
+                timings={**product_timings(op, gradient_s, setup.load_s), "compute_s": compute_s,
+                         "matvecs": op.num_matvecs},
+                files={"solution": "solution.pt", "residuals": "residuals.csv"}))
+            history = np.asarray(result.residual_norms)
+            runs.save_table(out, "residuals.csv", pd.DataFrame({"step": np.arange(len(history)),
+                                                                "relative_residual": history}))
+        state = "converged" if result.converged else f"did NOT reach --tol {args.tol:g}"
+        _say(f"{result.method} {state} in {result.num_iters} iterations ({compute_s:.1f} s): relative residual "
+             f"{result.true_residual:.2e}, ||x|| {summary['solution_norm']:.6g}, "
+             f"g.x {summary['gradient_dot_solution']:.6g}; run folder {out}")
+    return out
+
+
 def reproduce(quick: bool = False) -> None:
     """The main job: every notebook under ``notebooks/``, in order, headless (:func:`hess_utils.notebooks.run_all`).
 
@@ -648,7 +889,8 @@ def reproduce(quick: bool = False) -> None:
     run_all(quick=quick)
 
 
-COMMANDS = {"spectrum": run_spectrum, "diagonal": run_diagonal, "column": run_column}
+COMMANDS = {"spectrum": run_spectrum, "diagonal": run_diagonal, "column": run_column, "eigs": run_eigs,
+            "solve": run_solve}
 
 
 def main(argv: list[str] | None = None) -> int:

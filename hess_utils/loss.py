@@ -20,7 +20,9 @@ the forward-mode path and as the reference in tests.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -155,11 +157,38 @@ def output_device(model: torch.nn.Module) -> torch.device:
         return input_device(model)
 
 
-# Model classes whose forward refused a boolean ``logits_to_keep`` (remote code, older architectures).
-_NO_ROW_LOGITS: set[type] = set()
+@dataclass
+class RowLogits:
+    """Whether a model's forward computes the logits of the predicted positions only (``logits_to_keep``).
+
+    An operator holds one for its model, so the choice is visible (``enabled``, ``reason``) and made once:
+    ``enabled`` starts as "the forward takes ``logits_to_keep``" and turns off, with a warning, the first time
+    such a forward fails or returns logits of another shape (remote code, older architectures); every later
+    loss of that operator then computes the full logits. Nothing is remembered across operators or models.
+    """
+
+    enabled: bool
+    reason: str = ""
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> RowLogits:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "logits_to_keep" in params:
+            return cls(True)
+        return cls(False, f"{type(model).__name__}.forward takes no logits_to_keep")
+
+    def disable(self, model: torch.nn.Module, why: str) -> None:
+        self.enabled, self.reason = False, why
+        warnings.warn(
+            f"{type(model).__name__}: the output head cannot run on the predicted positions only ({why}); "
+            "every later loss of this operator computes the full (batch, seq, vocab) logits (more memory, "
+            "same numbers)", stacklevel=4)
 
 
-def _predicted_rows(model: torch.nn.Module, batch: Batch, mask: torch.Tensor) -> torch.Tensor | None:
+def _predicted_rows(model: torch.nn.Module, batch: Batch, mask: torch.Tensor, policy: RowLogits) -> torch.Tensor | None:
     """Logits ``(n, vocab)`` of the ``n`` predicted positions only, or None where the model cannot.
 
     transformers' causal LMs take ``logits_to_keep``, a boolean ``(b, s)`` tensor that selects hidden states
@@ -167,37 +196,35 @@ def _predicted_rows(model: torch.nn.Module, batch: Batch, mask: torch.Tensor) ->
     full ``(b, s, vocab)`` logits, their shifted copy and its zero-padded gradient: the largest tensors of
     the graph for a big vocabulary, kept twice over when Hessian-vector products keep the graph.
     """
-    if type(model) in _NO_ROW_LOGITS:
-        return None
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "logits_to_keep" not in params:
-        _NO_ROW_LOGITS.add(type(model))
+    if not policy.enabled:
         return None
     keep = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1).to(output_device(model))
     try:
         logits = model(**model_inputs(batch, input_device(model)), use_cache=False, logits_to_keep=keep).logits
     except torch.OutOfMemoryError:
         raise  # a memory shortage says nothing about the model's support; callers handle it
-    except (TypeError, IndexError, RuntimeError):
-        _NO_ROW_LOGITS.add(type(model))  # a forward of its own that slices differently: the plain path
+    except (TypeError, IndexError, RuntimeError) as err:  # a forward of its own that slices differently
+        policy.disable(model, f"a boolean logits_to_keep raised {type(err).__name__}: {str(err)[:200]}")
         return None
     if logits.ndim != 2 or logits.shape[0] != int(mask.sum()):
-        _NO_ROW_LOGITS.add(type(model))
+        policy.disable(model, f"a boolean logits_to_keep returned logits of shape {tuple(logits.shape)}")
         return None
     return logits
 
 
-def batch_loss_sum(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def batch_loss_sum(model: torch.nn.Module, batch: Batch, row_logits: RowLogits | None = None) -> torch.Tensor:
     """Summed cross-entropy of one batch (a scalar tensor with graph).
 
-    The output head runs on the predicted positions only where the model allows it (:func:`_predicted_rows`);
-    the loss is the same sum either way.
+    The output head runs on the predicted positions only where the model allows it (:func:`_predicted_rows`;
+    ``row_logits`` is the caller's :class:`RowLogits`, a fresh one per call if None); the loss is the same
+    sum either way.
     """
     targets, mask = targets_and_mask(batch)
-    rows = _predicted_rows(model, batch, mask)
+    policy = row_logits if row_logits is not None else RowLogits.for_model(model)
+    with warnings.catch_warnings():
+        if row_logits is None:  # nothing is kept from this call: no warning to act on
+            warnings.simplefilter("ignore")
+        rows = _predicted_rows(model, batch, mask, policy)
     if rows is None:
         logits = model(**model_inputs(batch, input_device(model)), use_cache=False).logits
         rows = logits[:, :-1, :][mask.to(logits.device)]

@@ -5,8 +5,8 @@ default (SDPA and flash attention have no double backward on CPU), its own deep 
 (transformers mutates configs), every weight materialised (no disk or meta offload, which would silently
 drop parameters out of the autograd graph), ``padding_idx`` removed from every embedding (it zeroes the
 gradient of the pad row and so changes first and second derivatives; it has no effect on the forward), and a
-tokenizer with a pad token. Its provenance is attached as ``model.hess_provenance`` (see
-:func:`model_provenance`).
+tokenizer with a pad token. Its load-time provenance is kept beside the model, not set on it (a weak
+mapping from the model object, so it dies with the model); :func:`model_provenance` returns it.
 
 Embedded models
 ---------------
@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -687,7 +688,7 @@ def load_model(
     Returns
     -------
     tuple
-        ``(model, tokenizer)``: the model in eval mode with ``model.hess_provenance`` set, the tokenizer with
+        ``(model, tokenizer)``: the model in eval mode (its provenance: :func:`model_provenance`), the tokenizer with
         a pad token.
 
     Raises
@@ -738,9 +739,12 @@ def load_model(
         "transformers_version": _transformers_version(),
         "torch_version": torch.__version__,
     })
-    model.hess_provenance = extra
-    model_provenance(model)
+    _LOAD_RECORDS[model] = extra
     return model, tokenizer
+
+
+# Load-time provenance of each model object load_model returned (weak keys: no model is kept alive by it).
+_LOAD_RECORDS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _transformers_version() -> str:
@@ -750,10 +754,10 @@ def _transformers_version() -> str:
 
 
 def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
-    """Where ``model`` comes from and what it is now; also stored as ``model.hess_provenance``.
+    """Where ``model`` comes from and what it is now.
 
-    Load-time fields (name, source, path, wheel, training summary, ...) come from the attribute set by
-    :func:`load_model`; the others (parameter count, dtype, devices, attention) are computed now, so they
+    Load-time fields (name, source, path, wheel, training summary, ...) are those :func:`load_model` kept
+    for this model object; the others (parameter count, dtype, devices, attention) are computed now, so they
     follow a later ``model.to(torch.float64)``.
 
     Parameters
@@ -767,7 +771,7 @@ def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
         ``name``, ``source``, ``num_parameters``, ``dtype``, ``config_class``, ``model_class``,
         ``model_type``, ``attn_implementation``, ``devices`` and the load-time fields.
     """
-    stored = dict(getattr(model, "hess_provenance", None) or {})
+    stored = dict(_LOAD_RECORDS.get(model, {}))
     config = getattr(model, "config", None)
     params = list(model.parameters())
     info = {
@@ -781,6 +785,4 @@ def model_provenance(model: torch.nn.Module) -> dict[str, Any]:
         "attn_implementation": getattr(config, "_attn_implementation", None),
         "devices": sorted({str(p.device) for p in params}),
     }
-    result = {**stored, **info}
-    model.hess_provenance = dict(result)
-    return result
+    return {**stored, **info}

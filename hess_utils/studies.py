@@ -32,6 +32,7 @@ import torch
 
 from hess_utils import loss as L
 from hess_utils import vectors as V
+from hess_utils.algorithms.probes import probe_seed
 from hess_utils.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,7 +98,7 @@ def hvp_precision(
         raise ValueError(f"operators of different dimensions: {op.dim} and {reference.dim}")
     rows = []
     for k in range(int(num_vectors)):
-        v = op.random_vector(probe, seed * 1_000_003 + k)
+        v = op.random_vector(probe, probe_seed(seed, k))
         v_ref = [x.to(dtype=d, device=dev) for x, d, dev in zip(v, reference.dtypes, reference.devices, strict=True)]
         hv, hv_ref = V.flatten(op.matvec(v)), V.flatten(reference.matvec(v_ref))
         diff = float((hv - hv_ref).norm())
@@ -144,7 +145,7 @@ def fd_error_sweep(
     dtypes
         Names among ``float64``, ``float32``, ``bfloat16``, ``float16``.
     num_vectors, seed
-        Vector ``k`` is ``op.random_vector("gaussian", seed * 1_000_003 + k)``.
+        Vector ``k`` is ``op.random_vector("gaussian", probe_seed(seed, k))``.
     params
         Parameter selection, as in :func:`~hess_utils.operators.hessian.hessian_operator`.
 
@@ -172,7 +173,7 @@ def fd_error_sweep(
     krylov = []
     if "krylov" in vector_kinds:
         for k in range(int(num_vectors)):
-            hr = reference.matvec(reference.random_vector("rademacher", seed * 1_000_003 + k))
+            hr = reference.matvec(reference.random_vector("rademacher", probe_seed(seed, k)))
             krylov.append(V.scaled(1.0 / V.norm(hr), hr))
     rows = []
     total = len(dtypes) * len(vector_kinds) * num_vectors * (len(eps_values) + 1)
@@ -186,7 +187,7 @@ def fd_error_sweep(
             for kind in vector_kinds:
                 for k in range(int(num_vectors)):
                     if kind == "gaussian":
-                        v = exact.random_vector("gaussian", seed * 1_000_003 + k)
+                        v = exact.random_vector("gaussian", probe_seed(seed, k))
                     else:
                         v = [x.to(dtype) for x in krylov[k]]
                     ref = reference.matvec([x.to(torch.float64) for x in v])

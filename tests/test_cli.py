@@ -109,3 +109,159 @@ def test_fd_eps_reaches_the_operator_and_the_run_config(tmp_path):
     out = tmp_path / "fd"
     assert main(["diagonal", *SMALL, "--probes", "2", "--method", "fd", "--fd-eps", "2e-4", "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["fd_eps"] == 2e-4
+
+
+# ---------------------------------------------------------------------------------------------- eigs and solve
+# A smaller Hessian than SMALL's (17,024 parameters, one batch of 2 x 12 tokens): both verbs cost tens of products.
+EIGS_SMALL = ["--model", "tiny-gpt2", "--data", "wiki", "--seq-len", "12", "--num-sequences", "2", "--batch-size", "2",
+              "--dtype", "float64", "--seed", "1", "--params", "transformer.h.0.attn.c_proj.*,transformer.h.0.ln_*",
+              "--no-progress"]
+EIGS = ["eigs", *EIGS_SMALL, "--k", "3", "--which", "LA", "--tol", "1e-10"]
+SOLVE = ["solve", *EIGS_SMALL, "--damping", "1.0", "--tol", "1e-10"]
+
+
+@pytest.fixture(scope="module")
+def _one_thread_cli():
+    """One thread: the products are tiny, and OpenMP spins on a busy 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def direct_op(_one_thread_cli):
+    """The operator of EIGS_SMALL built with the public API, apart from the CLI's own loading code."""
+    import torch
+
+    from hess_utils.data import load_batches
+    from hess_utils.models import load_model
+    from hess_utils.operators.hessian import hessian_operator
+
+    model, tokenizer = load_model("tiny-gpt2", dtype=torch.float64)
+    batches = load_batches("wiki", tokenizer, seq_len=12, num_sequences=2, batch_size=2, split="train", seed=1)
+    return hessian_operator(model, batches, params=["transformer.h.0.attn.c_proj.*", "transformer.h.0.ln_*"],
+                            method="auto")
+
+
+@pytest.fixture(scope="module")
+def eigs_run(tmp_path_factory, _one_thread_cli):
+    out = tmp_path_factory.mktemp("eigs") / "run"
+    assert main([*EIGS, "--out", str(out)]) == 0
+    return out
+
+
+def test_eigs_writes_eigenpairs_equal_to_eigsh_on_the_same_operator(eigs_run, direct_op):
+    import torch
+
+    from hess_utils.algorithms.directions import gradient_overlap, mass_by_group
+    from hess_utils.algorithms.eigsh import eigsh
+
+    for name in ("eigenpairs.csv", "eigenvectors.pt", "mass_by_layer.csv", "gradient_overlap.csv", "run.json",
+                 "config.json"):
+        assert (eigs_run / name).exists(), name
+    ref = eigsh(direct_op, k=3, which="LA", tol=1e-10, seed=1, progress=False)
+    pairs = pd.read_csv(eigs_run / "eigenpairs.csv")
+    assert list(pairs.columns) == ["index", "eigenvalue", "residual", "relative_residual", "converged"]
+    assert pairs["converged"].all() and pairs["index"].tolist() == [0, 1, 2]
+    # float64 throughout, same operator and seed: the eigenvalues agree to rounding, far inside 1e-10.
+    np.testing.assert_allclose(pairs["eigenvalue"], ref.eigenvalues, rtol=1e-10, atol=0)
+    assert (pairs["relative_residual"] <= 1e-10).all()
+
+    vectors = torch.load(eigs_run / "eigenvectors.pt")
+    assert len(vectors) == 3 and all(list(v) == direct_op.param_names for v in vectors)
+    for value, saved, x in zip(ref.eigenvalues, vectors, ref.eigenvectors, strict=True):
+        blocks = [saved[n] for n in direct_op.param_names]
+        assert all(b.device.type == "cpu" and b.dtype == torch.float64 for b in blocks)
+        # Signs are arbitrary: compare |<saved, x>| (both unit vectors), and check H v = lambda v directly.
+        dot = sum(float((a * b).sum()) for a, b in zip(blocks, x, strict=True))
+        assert abs(abs(dot) - 1.0) < 1e-10
+        hv = direct_op.matvec(blocks)
+        residual = sum(float(((h - value * b) ** 2).sum()) for h, b in zip(hv, blocks, strict=True)) ** 0.5
+        assert residual <= 1e-10 * ref.scale * 1.01
+
+    masses = pd.read_csv(eigs_run / "mass_by_layer.csv")
+    assert list(masses.columns[:2]) == ["eigenvector", "eigenvalue"]
+    np.testing.assert_allclose(masses.groupby("eigenvector")["mass"].sum(), 1.0, atol=1e-12)
+    for i, x in enumerate(ref.eigenvectors):  # masses do not see the sign
+        want = mass_by_group(direct_op, x, by="module")
+        np.testing.assert_allclose(masses[masses["eigenvector"] == i]["mass"], want["mass"], rtol=1e-8, atol=1e-14)
+    overlap = pd.read_csv(eigs_run / "gradient_overlap.csv")
+    want = gradient_overlap(ref, direct_op.gradient())
+    assert overlap["index"].tolist() == [2, 1, 0]  # largest first for LA
+    np.testing.assert_allclose(overlap["cumulative"], want["cumulative"], rtol=1e-8, atol=1e-14)
+
+    record = json.loads((eigs_run / "run.json").read_text())
+    for key in ("model", "data", "seed", "versions", "git_commit", "devices", "timings", "dim", "eigsh", "config"):
+        assert key in record, key
+    assert record["kind"] == "eigs" and record["dim"] == direct_op.dim == 17024
+    np.testing.assert_allclose(record["eigsh"]["eigenvalues"], ref.eigenvalues, rtol=1e-10)
+    assert record["eigsh"]["all_converged"] and record["timings"]["gradient_s"] > 0
+
+
+def test_eigs_rerun_recomputes_nothing_and_other_options_are_refused(eigs_run, capsys):
+    stamps = {p.name: p.stat().st_mtime_ns for p in eigs_run.iterdir()}
+    assert main([*EIGS, "--out", str(eigs_run)]) == 0
+    assert "nothing recomputed" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in eigs_run.iterdir()} == stamps
+    changed = [a if a != "3" else "4" for a in EIGS]  # --k 4
+    assert main([*changed, "--out", str(eigs_run)]) == 2
+    assert "k: 3 (saved) != 4 (now)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("solver", ["cg", "minres"])
+def test_solve_writes_the_solution_of_the_damped_system(solver, direct_op, tmp_path, capsys, _one_thread_cli):
+    import torch
+
+    from hess_utils import vectors as V
+    from hess_utils.algorithms.solve import cg, minres
+
+    out = tmp_path / solver
+    assert main([*SOLVE, "--solver", solver, "--out", str(out)]) == 0
+    for name in ("solution.pt", "residuals.csv", "run.json", "config.json"):
+        assert (out / name).exists(), name
+    saved = torch.load(out / "solution.pt")
+    x = [saved[n] for n in direct_op.param_names]
+    g = direct_op.gradient()
+    # The damped system, checked with the independently built operator: ||g - (H + I) x|| / ||g||.
+    residual = V.add(g, V.add(direct_op.matvec(x), x), alpha=-1.0)
+    assert V.norm(residual) / V.norm(g) <= 1e-9
+    ref = (cg if solver == "cg" else minres)(direct_op, g, damping=1.0, tol=1e-10, progress=False)
+    assert V.norm(V.add(x, ref.x, alpha=-1.0)) <= 1e-10 * V.norm(ref.x)
+    history = pd.read_csv(out / "residuals.csv")
+    assert list(history.columns) == ["step", "relative_residual"] and history["relative_residual"].iloc[0] == 1.0
+    record = json.loads((out / "run.json").read_text())
+    summary = record["solve"]
+    assert summary["solver"] == solver and summary["damping"] == 1.0 and summary["converged"]
+    assert summary["true_residual"] <= 1e-10 and summary["num_iters"] == len(history) - 1 - summary["num_replacements"]
+    assert summary["gradient_dot_solution"] == pytest.approx(V.dot(g, x), rel=1e-10)
+    capsys.readouterr()
+    assert main([*SOLVE, "--solver", solver, "--out", str(out)]) == 0
+    assert "nothing recomputed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eigs", "--k", "0"], "--k must be at least 1"),
+    (["eigs", "--tol", "0"], "--tol must be a finite number > 0"),
+    (["eigs", "--max-products", "0"], "--max-products must be at least 1"),
+    (["solve", "--damping", "nan"], "--damping must be finite"),
+    (["solve", "--damping", "1", "--max-iters", "0"], "--max-iters must be at least 1"),
+    (["eigs", *EIGS_SMALL, "--k", "17024"], "must be below the Hessian's dimension"),
+    # H has negative eigenvalues here, so undamped CG must refuse rather than return a meaningless x.
+    (["solve", *EIGS_SMALL, "--damping", "0", "--solver", "cg"], "not positive definite"),
+])
+def test_eigs_and_solve_bad_input_is_a_clear_error(argv, message, capsys, tmp_path, _one_thread_cli):
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    message_start = err.rfind("error: ")
+    assert message_start >= 0 and message in err[message_start:], err
+    assert "Traceback" not in err
+
+
+def test_solve_points_a_solver_given_as_method_to_solver(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["solve", "--damping", "1", "--method", "cg"])
+    assert exit_info.value.code == 2
+    assert "use --solver cg" in capsys.readouterr().err

@@ -354,12 +354,15 @@ def test_loss_on_predicted_rows_equals_the_loss_on_full_logits(family):
     from hess_utils import loss as L
 
     model = tiny_model(family)
+    policy = L.RowLogits.for_model(model)
+    assert policy.enabled
     for batch in tiny_batches(pad=True):
         with torch.no_grad():
             full = L.summed_cross_entropy(model(**L.model_inputs(batch, "cpu"), use_cache=False).logits, batch)
-            rows = L.batch_loss_sum(model, batch)
+            rows = L.batch_loss_sum(model, batch, policy)
         assert abs(float(rows) - float(full)) <= 1e-12 * abs(float(full))
-    assert type(model) not in L._NO_ROW_LOGITS  # the row path was taken
+    assert policy.enabled  # the row path was taken throughout
+    assert hessian_operator(model, tiny_batches(), method="rev-rev").row_logits.enabled
 
 
 def test_loss_falls_back_to_full_logits_for_a_forward_without_logits_to_keep():
@@ -378,7 +381,38 @@ def test_loss_falls_back_to_full_logits_for_a_forward_without_logits_to_keep():
     batch = tiny_batches(pad=True)[0]
     with torch.no_grad():
         assert abs(float(L.batch_loss_sum(model, batch)) - float(L.batch_loss_sum(inner, batch))) < 1e-12
-        assert Wrapped in L._NO_ROW_LOGITS
+    policy = L.RowLogits.for_model(model)
+    assert not policy.enabled and "logits_to_keep" in policy.reason
+
+
+def test_a_forward_that_fails_with_logits_to_keep_turns_the_row_path_off_on_that_operator_only():
+    """The fallback is the operator's attribute and a warning, not a process-wide memory of the class."""
+
+    class Refusing(torch.nn.Module):  # takes logits_to_keep but cannot slice by a boolean mask
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0):
+            if isinstance(logits_to_keep, torch.Tensor):
+                raise TypeError("logits_to_keep must be an int")
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+    inner = tiny_model("gpt2")
+    model = Refusing(inner).eval()
+    batches = tiny_batches(pad=True)
+    op = hessian_operator(model, batches, method="rev-rev", keep_graph=False)
+    assert op.row_logits.enabled
+    v = op.random_vector("gaussian", 0)
+    with pytest.warns(UserWarning, match="predicted positions only"):
+        hv = op.matvec(v)
+    assert not op.row_logits.enabled and "TypeError" in op.row_logits.reason
+    reference = hessian_operator(inner, batches, method="rev-rev", keep_graph=False)
+    assert rel(V.flatten(hv), V.flatten(reference.matvec(v))) < 1e-12
+    assert hessian_operator(model, batches, method="rev-rev").row_logits.enabled  # a new operator tries again
 
 
 def test_cross_entropy_sum_matches_torch_to_every_order_in_float64():

@@ -68,7 +68,7 @@ def test_embedded_model_loads_ready_for_hessians(name, loaded):
     emb = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     assert emb and all(m.padding_idx is None for m in emb)
     prov = models.model_provenance(model)
-    assert prov == model.hess_provenance
+    assert not hasattr(model, "hess_provenance")  # kept beside the user's model, not set on it
     for key in ("name", "source", "num_parameters", "dtype", "config_class"):
         assert key in prov
     assert prov["name"] == name
@@ -143,7 +143,7 @@ def test_smollm2_second_load_is_fast(loaded):
     start = time.perf_counter()
     model, tok = models.load_model("smollm2-135m")
     assert time.perf_counter() - start < 2.0
-    assert model.hess_provenance["source"] == "SmolLM2-135M (Q4_1 dequantized)"
+    assert models.model_provenance(model)["source"] == "SmolLM2-135M (Q4_1 dequantized)"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_local_folder_loads(loaded):
     folder = models.prepare_model("tiny-pythia")
     model, tok = models.load_model(str(folder))
     ref, _ = loaded("tiny-pythia")
-    assert model.hess_provenance["source"].startswith("local folder")
+    assert models.model_provenance(model)["source"].startswith("local folder")
     assert model.config._attn_implementation == "eager" and not model.training
     assert tok.pad_token is not None
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), ref.named_parameters(), strict=True):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from hess_utils import vectors as V
+from hess_utils.algorithms._frozen import short_repr
+from hess_utils.algorithms.probes import probe_seed
 from hess_utils.operators.base import SymmetricOperator
 from hess_utils.vectors import TensorList
 
@@ -98,6 +100,14 @@ class BlockDiagonalError:
     num_groups: int
     grouping: str
 
+    __repr__ = short_repr
+
+    def to_frame(self):
+        """One row per test vector: ``relative_error``, ``cosine`` (a pandas DataFrame)."""
+        import pandas as pd
+
+        return pd.DataFrame({"relative_error": self.relative_errors, "cosine": self.cosines})
+
     @property
     def mean_relative_error(self) -> float:
         return float(self.relative_errors.mean())
@@ -120,7 +130,7 @@ def block_diagonal_error(
     bd = BlockDiagonalOperator(op, by)
     errors, cosines = [], []
     for k in range(num_vectors):
-        v = op.random_vector(probe, seed=seed * 1_000_003 + k)
+        v = op.random_vector(probe, seed=probe_seed(seed, k))
         hv, hbv = op.matvec(v), bd.matvec(v)
         hv_norm, hbv_norm = V.norm(hv), V.norm(hbv)
         errors.append(V.norm(V.add(hv, hbv, -1.0)) / max(hv_norm, torch.finfo(torch.float64).tiny))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from hess_utils import vectors as V
+from hess_utils.algorithms._frozen import short_repr
 from hess_utils.operators.base import SymmetricOperator
 
 DEFAULT_THRESHOLDS = tuple(10.0**k for k in range(-12, 0))
@@ -37,28 +38,17 @@ class HessianColumn:
     local_index: int
     values: np.ndarray
 
+    __repr__ = short_repr
+
     @property
     def diagonal(self) -> float:
         """``H[index, index]``."""
         return float(self.values[self.index])
 
 
-def locate(op: SymmetricOperator, index: int) -> tuple[int, int]:
-    """``(block, flat index inside the block)`` of a global index."""
-    if not 0 <= index < op.dim:
-        raise IndexError(f"index {index} out of range for an operator of dimension {op.dim}")
-    offset = 0
-    for block, shape in enumerate(op.shapes):
-        size = int(np.prod(shape))
-        if index < offset + size:
-            return block, index - offset
-        offset += size
-    raise AssertionError("unreachable")
-
-
 def hessian_column(op: SymmetricOperator, index: int) -> HessianColumn:
     """``H e_index`` as a :class:`HessianColumn` (one matvec)."""
-    block, local = locate(op, index)
+    block, local = op.locate(index)
     values = V.flatten(op.matvec(op.basis_vector(index))).numpy()
     return HessianColumn(index, op.param_names[block], local, values)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hess_utils.algorithms._frozen import freeze_arrays
+from hess_utils.algorithms._frozen import freeze_arrays, short_repr
 from hess_utils.algorithms.lanczos import LanczosResult
 from hess_utils.algorithms.slq import SLQResult
 
@@ -53,6 +53,14 @@ class DensityResult:
     density: np.ndarray
     sigma: float
     mass_on_grid: float
+
+    __repr__ = short_repr
+
+    def to_frame(self):
+        """The density as a table: ``grid``, ``density`` (a pandas DataFrame, one row per grid point)."""
+        import pandas as pd
+
+        return pd.DataFrame({"grid": self.grid, "density": self.density})
 
     def __post_init__(self) -> None:
         freeze_arrays(self)
@@ -88,6 +96,14 @@ class LogDensityResult:
     positive_mass: float
     negative_mass: float
     near_zero_mass: float
+
+    __repr__ = short_repr
+
+    def to_frame(self):
+        """``grid`` (of ``log10 |lambda|``), ``positive``, ``negative`` as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame({"grid": self.grid, "positive": self.positive, "negative": self.negative})
 
     def __post_init__(self) -> None:
         freeze_arrays(self)

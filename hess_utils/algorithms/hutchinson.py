@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hess_utils import vectors as V
+from hess_utils.algorithms._frozen import short_repr
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
 from hess_utils.progress import progress_bar
@@ -61,6 +62,8 @@ class HutchinsonResult:
     method: str
     seed: int
     probe: str
+
+    __repr__ = short_repr
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """``(estimate, stderr)`` as flat float64 numpy arrays (block order; 0-d for a trace)."""

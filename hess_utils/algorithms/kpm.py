@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hess_utils import vectors as V
-from hess_utils.algorithms._frozen import freeze_arrays
+from hess_utils.algorithms._frozen import freeze_arrays, short_repr
 from hess_utils.algorithms._products import owned_matvec
 from hess_utils.algorithms.density import check_grid, normalise_on_grid
 from hess_utils.algorithms.lanczos import lanczos
@@ -76,6 +76,14 @@ class KPMResult:
     num_probes: int
     seed: int
     probe: str
+
+    __repr__ = short_repr
+
+    def to_frame(self):
+        """The density as a table: ``grid``, ``density`` (a pandas DataFrame, one row per grid point)."""
+        import pandas as pd
+
+        return pd.DataFrame({"grid": self.grid, "density": self.density})
 
     def __post_init__(self) -> None:
         freeze_arrays(self)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hess_utils import loss as L
+from hess_utils.algorithms._frozen import short_repr
 from hess_utils.operators.hessian import check_eval_mode
 from hess_utils.operators.kernels import hessian_context
 from hess_utils.progress import progress_bar
@@ -56,6 +57,8 @@ class SubsetHessian:
     offsets: tuple[int, ...]
     reduction: str
     num_tokens: int
+
+    __repr__ = short_repr
 
     @property
     def size(self) -> int:

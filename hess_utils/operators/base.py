@@ -7,6 +7,7 @@ computes ``H v`` for a symmetric ``H`` of size ``dim x dim``.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -112,18 +113,23 @@ class SymmetricOperator(ABC):
         """A seeded random probe (Rademacher or Gaussian), identical across engines and devices."""
         return V.random_like(self.zeros(), kind=kind, seed=seed)
 
-    def basis_vector(self, index: int) -> TensorList:
-        """The unit vector ``e_index`` for a global (flattened, block-ordered) index."""
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(block, flat index inside the block)`` of a global (flattened, block-ordered) index."""
         if not 0 <= index < self.dim:
             raise IndexError(f"index {index} out of range for an operator of dimension {self.dim}")
-        out = self.zeros()
         offset = 0
-        for block in out:
-            n = block.numel()
-            if index < offset + n:
-                block.view(-1)[index - offset] = 1
-                break
-            offset += n
+        for block, shape in enumerate(self.shapes):
+            size = math.prod(shape)
+            if index < offset + size:
+                return block, index - offset
+            offset += size
+        raise AssertionError("unreachable: index < dim = the sum of the block sizes")
+
+    def basis_vector(self, index: int) -> TensorList:
+        """The unit vector ``e_index`` for a global (flattened, block-ordered) index."""
+        block, local = self.locate(index)
+        out = self.zeros()
+        out[block].view(-1)[local] = 1
         return out
 
     # ------------------------------------------------------------------ conversions

@@ -341,6 +341,8 @@ class HessianOperator(SymmetricOperator):
         else:
             self.fd_eps = None
             self.fd_mode = None
+        # Whether the output head runs on predicted positions only; turned off (with a warning) if it fails.
+        self.row_logits = L.RowLogits.for_model(model)
         self.last_fd: FDProduct | None = None  # what the last finite-difference product did
         self.num_gradients = 0  # gradient evaluations spent on finite-difference products
         self._fd_center: TensorList | None = None  # g(w) for the adaptive step, while the weights stay
@@ -426,14 +428,14 @@ class HessianOperator(SymmetricOperator):
     def _first_order_graph(self, batch: L.Batch, measure: bool = False) -> tuple[torch.Tensor, ...]:
         with torch.enable_grad(), only_these_require_grad(self.model, self.params):
             if not measure:
-                loss = L.batch_loss_sum(self.model, batch)
+                loss = L.batch_loss_sum(self.model, batch, self.row_logits)
                 self._check_loss(loss)
                 return torch.autograd.grad(
                     loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
                 )
             saved = _SavedBytes(self.params)
             with saved:
-                loss = L.batch_loss_sum(self.model, batch)
+                loss = L.batch_loss_sum(self.model, batch, self.row_logits)
                 self._check_loss(loss)
                 grads = torch.autograd.grad(
                     loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
@@ -563,7 +565,7 @@ class HessianOperator(SymmetricOperator):
         total = None
         with torch.enable_grad(), only_these_require_grad(self.model, self.params):
             for batch in self.batches:
-                loss = L.batch_loss_sum(self.model, batch)
+                loss = L.batch_loss_sum(self.model, batch, self.row_logits)
                 self._check_loss(loss)
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
                 total = _accumulate(total, list(grads))
@@ -775,7 +777,7 @@ class HessianOperator(SymmetricOperator):
     def loss(self) -> float:
         """``L(w)`` with this operator's reduction."""
         with torch.no_grad(), hessian_context(self.model, exact=False):
-            total = sum(float(L.batch_loss_sum(self.model, b)) for b in self.batches)
+            total = sum(float(L.batch_loss_sum(self.model, b, self.row_logits)) for b in self.batches)
         return self._sum_scalar(total) * self.scale
 
     def gradient(self) -> TensorList:

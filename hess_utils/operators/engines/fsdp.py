@@ -91,10 +91,10 @@ class FSDPHessianOperator(DataParallelHessianOperator):
             # of passes: a rank with fewer batches runs zero-weight passes on a spare batch.
             for i in range(self.passes_per_rank):
                 if i < len(self.batches):
-                    loss = L.batch_loss_sum(self.model, self.batches[i])
+                    loss = L.batch_loss_sum(self.model, self.batches[i], self.row_logits)
                     self._check_loss(loss)
                 else:
-                    loss = 0.0 * L.batch_loss_sum(self.model, self._spare_batch)
+                    loss = 0.0 * L.batch_loss_sum(self.model, self._spare_batch, self.row_logits)
                 loss.backward()
         grads = []
         for p in self.params:
@@ -109,9 +109,9 @@ class FSDPHessianOperator(DataParallelHessianOperator):
         with torch.no_grad():
             for i in range(self.passes_per_rank):
                 if i < len(self.batches):
-                    total += float(L.batch_loss_sum(self.model, self.batches[i]))
+                    total += float(L.batch_loss_sum(self.model, self.batches[i], self.row_logits))
                 else:
-                    L.batch_loss_sum(self.model, self._spare_batch)
+                    L.batch_loss_sum(self.model, self._spare_batch, self.row_logits)
         return self._sum_scalar(total) * self.scale
 
     def gradient(self) -> TensorList:
