@@ -158,9 +158,11 @@ def _add_spectrum_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     s.add_argument("--probe-kind", default="rademacher", choices=["rademacher", "gaussian"],
                    help="distribution of the start vectors (default: %(default)s)")
-    s.add_argument("--reorth", default="full", choices=["none", "full", "offload"],
+    s.add_argument("--reorth", default="full", choices=["none", "full", "offload", "partial"],
                    help="re-orthogonalisation: none (three vectors; ghosts appear, flagged in ritz.csv), full (basis "
-                        "on the device), offload (basis in CPU memory) (default: %(default)s)")
+                        "on the device), offload (basis in CPU memory), partial (Simon's: basis on the device, "
+                        "re-orthogonalised only when the estimated loss of orthogonality passes sqrt(eps)) "
+                        "(default: %(default)s)")
     s.add_argument("--checkpoint-every", type=int, default=10,
                    help="save the run every N Lanczos iterations (and after every probe); 0: after every probe "
                         "only. A save writes the basis rows added since the last one (default: %(default)s)")

@@ -230,8 +230,8 @@ def test_errors(distinct60):
     bad[4] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         lanczos(op, 5, start=[bad], progress=False)
-    with pytest.raises(ValueError, match="unknown reorth 'partial'"):
-        lanczos(op, 5, reorth="partial", progress=False)
+    with pytest.raises(ValueError, match="unknown reorth 'selective'"):
+        lanczos(op, 5, reorth="selective", progress=False)
     with pytest.raises(ValueError, match="unknown probe kind"):
         lanczos(op, 5, probe="uniform", progress=False)
     with pytest.raises(ValueError, match="at Lanczos iteration 3"):

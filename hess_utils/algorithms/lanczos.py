@@ -22,7 +22,10 @@ reappear as extra copies ("ghosts"). ``reorth="full"`` keeps the basis and re-or
 vector against it (classical Gram-Schmidt, repeated when the first pass removed more than half of the
 vector: "twice is enough"); ``reorth="offload"`` does the same
 with the basis in CPU memory; ``reorth="none"`` keeps O(1) vectors and leaves ghosts to
-:func:`~hess_utils.algorithms.ghosts.cullum_willoughby_mask`.
+:func:`~hess_utils.algorithms.ghosts.cullum_willoughby_mask`. ``reorth="partial"`` keeps the basis like
+``"full"`` but re-orthogonalises only when Simon's recurrence (:class:`OmegaEstimates`) estimates that
+some :math:`|q_{j+1}^\\top q_k|` exceeds :math:`\\sqrt{\\varepsilon}`: a semi-orthogonal basis, which gives the
+same :math:`T_k` as a fully orthogonal one to working precision, for a fraction of the basis passes.
 
 The run is a resumable state machine (:func:`lanczos_init`, :func:`lanczos_step`,
 :func:`lanczos_finish`) so that it can be checkpointed between matrix-vector products;
@@ -49,7 +52,7 @@ from hess_utils.operators.base import SymmetricOperator
 from hess_utils.progress import progress_bar, set_postfix
 from hess_utils.vectors import TensorList
 
-REORTH_MODES = ("full", "offload", "none")
+REORTH_MODES = ("full", "offload", "none", "partial")
 CUSTOM_START = "custom"
 
 # Half-precision matrix products return half-precision results (3 significant digits for bfloat16), too
@@ -81,7 +84,9 @@ class LanczosResult:
         :math:`|\\beta_k s_{ki}|`, the residual norm of each Ritz pair (an eigenvalue of :math:`H` lies
         within it of :math:`\\theta_i`).
     orthogonality_loss : float
-        :math:`\\max_{i \\ne j} |q_i^\\top q_j|` over the kept basis; NaN when ``reorth="none"``.
+        :math:`\\max_{i \\ne j} |q_i^\\top q_j|` over the kept basis; NaN when ``reorth="none"``. With
+        ``reorth="partial"`` it is the measured counterpart of ``max_omega`` (semi-orthogonality: at most
+        about :math:`\\sqrt{\\varepsilon}`).
     breakdown : bool
         True when the last :math:`\\beta` fell to the breakdown tolerance: the Krylov space is invariant
         under :math:`H` and the Ritz values are eigenvalues of :math:`H` (up to rounding). This stops the
@@ -92,11 +97,21 @@ class LanczosResult:
     last_beta : float
         :math:`\\beta_k`, the norm of the residual after the last iteration.
     reorth : str
-        ``"full"``, ``"offload"`` or ``"none"``.
+        ``"full"``, ``"offload"``, ``"none"`` or ``"partial"``.
     seed : int or None
         Seed of the start vector, None when a start vector was given.
     probe : str
         Distribution of the start vector (``"rademacher"``, ``"gaussian"``), ``"custom"`` when given.
+    num_reorth_steps : int
+        ``reorth="partial"`` only: how many iterations re-orthogonalised their new vector (0 in the other
+        modes, although ``"full"`` and ``"offload"`` do it at every iteration and ``"none"`` never).
+    reorth_steps : tuple of int or None
+        ``reorth="partial"`` only: those iterations ``j`` (1-based; iteration ``j`` makes :math:`q_{j+1}`),
+        ascending; None in the other modes.
+    max_omega : float or None
+        ``reorth="partial"`` only: the largest estimate :math:`|\\omega_{ik}|` of
+        :math:`|q_i^\\top q_k|`, :math:`k < i \\le` ``num_iters``, as kept after the resets, i.e. the
+        estimate of ``orthogonality_loss`` (it should bound it); None in the other modes.
     """
 
     alphas: np.ndarray
@@ -112,6 +127,11 @@ class LanczosResult:
     reorth: str
     seed: int | None
     probe: str
+    # Diagnostics of reorth="partial"; the defaults are those of every other mode, and of results built
+    # before these fields existed (checkpoints).
+    num_reorth_steps: int = 0
+    reorth_steps: tuple[int, ...] | None = None
+    max_omega: float | None = None
 
     def __post_init__(self) -> None:
         freeze_arrays(self)
@@ -137,16 +157,151 @@ class LanczosResult:
         return self.ritz_values[~self.ghost_mask]
 
 
+def omega_rounding(unit_roundoff: float, dim: int) -> float:
+    """The rounding level :math:`\\varepsilon_1 = \\varepsilon \\sqrt{n}` of Simon's recurrence.
+
+    The relative size of the rounding error :math:`f_i` of one Lanczos step (:class:`OmegaEstimates`)
+    in Simon's analysis: a product sums ``n`` terms per entry, whose independent roundings grow like
+    :math:`\\sqrt{n}`. It is also the level to which a re-orthogonalised vector's estimates are reset.
+
+    Here :math:`\\alpha` and :math:`\\beta` accumulate in float64, but the re-orthogonalisation coefficients
+    :math:`Q^\\top w` are matrix products in the basis dtype, whose float32 sums over ``n`` entries err by
+    up to about :math:`\\varepsilon \\sqrt{n}` when a few entries dominate: ``"full"`` itself keeps a float32
+    basis of an LM-like spectrum only that orthogonal (:math:`\\max |Q^\\top Q - I| = 1.7 \\cdot 10^{-4}` at
+    ``n = 5e6``, ``benchmarks/reorth_modes.py``). With :math:`\\varepsilon` alone the estimates fell below the
+    measured loss there (6.5e-5 against 3.2e-4) and the top Ritz values moved by 7e-6 relative.
+
+    The price is paid in float32 at large ``n``: once :math:`\\varepsilon \\sqrt{n} > \\sqrt{\\varepsilon} / 2`,
+    i.e. ``n > 1 / (4 eps)`` (2.1e6 in float32, 1.1e15 in float64), one step from the reset level already
+    crosses the threshold and every step re-orthogonalises: ``"partial"`` then costs what ``"full"`` costs.
+    """
+    return unit_roundoff * math.sqrt(dim)
+
+
+@dataclass
+class OmegaEstimates:
+    """Simon's running estimates of the loss of orthogonality of a ``reorth="partial"`` run (float64).
+
+    With :math:`\\omega_{ik} = q_i^\\top q_k`, multiply the computed recurrence
+    :math:`\\beta_j q_{j+1} = H q_j - \\alpha_j q_j - \\beta_{j-1} q_{j-1} + f_j` by :math:`q_k^\\top`, the one of
+    :math:`q_{k+1}` by :math:`q_j^\\top`, and subtract; the symmetry of :math:`H` cancels both products:
+
+    .. math::
+
+        \\beta_j \\omega_{j+1,k} = \\beta_k \\omega_{j,k+1} + (\\alpha_k - \\alpha_j) \\omega_{jk}
+            + \\beta_{k-1} \\omega_{j,k-1} - \\beta_{j-1} \\omega_{j-1,k} + (q_j^\\top f_k - q_k^\\top f_j),
+        \\qquad k < j,
+
+    with :math:`\\omega_{kk} = 1`, :math:`\\omega_{j0} = 0`, :math:`\\beta_0 = 0`. The roundings are unknown but
+    bounded: :math:`\\lVert f_i \\rVert \\le \\varepsilon_1 \\nu_i` with :math:`\\varepsilon_1` from
+    :func:`omega_rounding` and :math:`\\nu_i = |\\alpha_i| + \\beta_{i-1} + \\beta_i \\ge \\lVert H q_i \\rVert`
+    (exact: :math:`\\lVert H q_i \\rVert^2 = \\beta_{i-1}^2 + \\alpha_i^2 + \\beta_i^2`). Following Simon, the last
+    term is replaced by its bound :math:`\\varepsilon_1 (\\nu_k + \\nu_j)`, with the sign that increases
+    :math:`|\\omega_{j+1,k}|`, so that the estimates err on the pessimistic side. The local term, where
+    :math:`\\alpha_j` makes :math:`q_j^\\top q_{j+1}` vanish up to the rounding of :math:`f_j`, is
+    :math:`\\omega_{j+1,j} = \\psi_j = \\varepsilon_1 \\nu_j / \\beta_j`, and :math:`\\omega_{j+1,j+1} = 1`.
+
+    When :math:`\\max_k |\\omega_{j+1,k}| > \\sqrt{\\varepsilon}` the new vector is re-orthogonalised against the
+    whole basis, and so is the next one (the three-term recurrence would otherwise pass the loss of
+    :math:`q_j`, not re-orthogonalised, straight on to :math:`q_{j+2}` through
+    :math:`\\beta_{j-1}\\omega_{j-1,k}`); the row of each re-orthogonalised vector is reset to
+    :math:`\\varepsilon_1`. Only the two latest rows are kept.
+
+    How many steps are saved depends on the spectrum. Along a converged Ritz vector of eigenvalue
+    :math:`\\lambda` the loss grows by about :math:`|\\lambda - \\alpha_j| / \\beta_j` per step, so with outliers
+    far above the bulk of the spectrum (LM Hessians), orthogonality decays from rounding level to
+    :math:`\\sqrt{\\varepsilon}` within a few steps and pairs come every few steps; spectra without such
+    gaps lose it slowly and re-orthogonalise rarely.
+
+    :math:`\\beta_j` enters only as a divisor (the :math:`\\beta_j` part of :math:`\\nu_j`, divided by
+    :math:`\\beta_j`, is the constant :math:`\\varepsilon_1`), so an estimate can only grow when
+    :math:`\\beta_j` shrinks. Whether a row is reset is decided again with the :math:`\\beta_j` kept in
+    :math:`T` (after the re-orthogonalisation), so the estimates are a function of the :math:`\\alpha`,
+    :math:`\\beta` alone and :func:`replay_omega_estimates` rebuilds them bit for bit (a checkpoint need not
+    store them).
+
+    Attributes
+    ----------
+    rounding : float
+        :math:`\\varepsilon_1`.
+    threshold : float
+        :math:`\\sqrt{\\varepsilon}`, the semi-orthogonality level.
+    iteration : int
+        The Lanczos iteration ``j`` these estimates belong to (``current`` is the row of :math:`q_{j+1}`).
+    current : np.ndarray, shape (j + 1,)
+        :math:`\\omega_{j+1, 1..j+1}`.
+    previous : np.ndarray, shape (j,), or None
+        :math:`\\omega_{j, 1..j}` (None before the first iteration).
+    pending : bool
+        The next vector is re-orthogonalised whatever its estimates: the second of a pair.
+    reorth_steps : list of int
+        The iterations whose new vector was re-orthogonalised.
+    row_max : list of float
+        ``row_max[j - 1]`` is :math:`\\max_{k \\le j} |\\omega_{j+1,k}|` as kept (after any reset).
+    """
+
+    rounding: float
+    threshold: float
+    iteration: int = 0
+    current: np.ndarray = field(default_factory=lambda: np.ones(1))
+    previous: np.ndarray | None = None
+    pending: bool = False
+    reorth_steps: list[int] = field(default_factory=list)
+    row_max: list[float] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, unit_roundoff: float, dim: int) -> OmegaEstimates:
+        """The estimates before the first iteration: :math:`\\omega_{11} = 1` only."""
+        return cls(rounding=omega_rounding(unit_roundoff, dim), threshold=math.sqrt(unit_roundoff))
+
+    def next_row(self, alphas: Sequence[float], betas: Sequence[float], beta: float) -> np.ndarray:
+        """:math:`\\omega_{j+1, 1..j+1}` for :math:`\\alpha_{1..j}` = ``alphas``, :math:`\\beta_{1..j-1}` =
+        ``betas[:j - 1]`` and :math:`\\beta_j` = ``beta`` (nothing is updated)."""
+        j = self.current.size
+        a = np.asarray(alphas[:j], dtype=np.float64)
+        b = np.asarray(betas[: j - 1], dtype=np.float64)
+        eps1 = self.rounding
+        # nu_k without beta_j: |alpha_k| + beta_{k-1} + beta_k for k < j, |alpha_j| + beta_{j-1} for k = j.
+        nu = np.abs(a)
+        nu[1:] += b
+        nu[:-1] += b
+        row = np.empty(j + 1, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):  # beta = 0 (exact breakdown): inf, reorthogonalise
+            if j >= 2:
+                cur, prev = self.current, self.previous
+                s = b * cur[1:] + (a[:-1] - a[-1]) * cur[:-1] - b[-1] * prev
+                s[1:] += b[:-1] * cur[:-2]
+                # |s| + eps1 (nu_k + nu_j) over beta_j, with nu_j's own beta_j giving the "+ eps1".
+                row[:-2] = np.copysign((np.abs(s) + eps1 * (nu[:-1] + nu[-1])) / beta + eps1, s)
+            row[-2] = eps1 * nu[-1] / beta + eps1
+        row[-1] = 1.0
+        return row
+
+    def exceeds(self, row: np.ndarray) -> bool:
+        """True when some :math:`|\\omega_{j+1,k}|`, :math:`k \\le j`, of ``row`` passes the threshold (or is NaN)."""
+        return not bool(np.max(np.abs(row[:-1])) <= self.threshold)
+
+    def accept(self, row: np.ndarray, reorthogonalised: bool) -> None:
+        """Make ``row`` the current one; reset it to :math:`\\varepsilon_1` if its vector was re-orthogonalised."""
+        if reorthogonalised:
+            row[:-1] = self.rounding
+            # A threshold crossing asks for this vector and the next; the second of a pair asks for nothing.
+            self.pending = not self.pending
+        self.previous, self.current = self.current, row
+        self.row_max.append(float(np.max(np.abs(row[:-1]))))
+        self.iteration += 1
+
+
 @dataclass
 class LanczosState:
     """Everything needed to continue a Lanczos run (mutable; :func:`lanczos_step` updates it in place).
 
     After ``j = iteration`` steps, ``alphas`` and ``betas`` hold :math:`\\alpha_{1..j}` and
     :math:`\\beta_{1..j}` (the last one is the residual norm, not yet part of :math:`T_j`), ``q`` is
-    :math:`q_{j+1}` and ``q_prev`` is :math:`q_j` (None before the first step). With full or offloaded
-    re-orthogonalisation ``basis`` holds one tensor per block, of shape ``(num_iters + 1, numel)``, whose
+    :math:`q_{j+1}` and ``q_prev`` is :math:`q_j` (None before the first step). With full, offloaded or
+    partial re-orthogonalisation ``basis`` holds one tensor per block, of shape ``(num_iters + 1, numel)``, whose
     row ``i`` is :math:`q_{i+1}` (rows ``0..j`` are filled). All vectors are in the operator's dtypes;
-    ``basis`` lives on the blocks' devices (``"full"``) or in CPU memory (``"offload"``).
+    ``basis`` lives on the blocks' devices (``"full"``, ``"partial"``) or in CPU memory (``"offload"``).
 
     Attributes
     ----------
@@ -158,6 +313,10 @@ class LanczosState:
         Relative breakdown tolerance used when ``tol`` is None.
     unit_roundoff : float
         Machine epsilon of the least precise block dtype (scales the ghost tolerance).
+    omega : OmegaEstimates or None
+        ``reorth="partial"`` only: the orthogonality estimates. None (also in a state built without them, e.g.
+        from a checkpoint) makes the next step rebuild them from ``alphas`` and ``betas``
+        (:func:`replay_omega_estimates`).
     """
 
     num_iters: int
@@ -174,6 +333,7 @@ class LanczosState:
     iteration: int = 0
     basis: list[torch.Tensor] | None = None
     breakdown: bool = False
+    omega: OmegaEstimates | None = None
 
     @property
     def done(self) -> bool:
@@ -398,6 +558,64 @@ def _orthogonality_loss(basis: list[torch.Tensor] | None, k: int) -> float:
     return float(gram.abs().max())
 
 
+# ---------------------------------------------------------------------------------------------- partial
+def replay_omega_estimates(state: LanczosState) -> OmegaEstimates:
+    """The :class:`OmegaEstimates` of a ``reorth="partial"`` state, rebuilt from its ``alphas`` and ``betas``.
+
+    The same recurrence and decisions as the run made (see :class:`OmegaEstimates`), so the result equals
+    the estimates the run kept, bit for bit; ``reorth_steps`` lists the steps the decisions name (the run
+    may, exceptionally, have re-orthogonalised one more vector: one whose estimate crossed the threshold
+    with the :math:`\\beta_j` before re-orthogonalisation but not with the one after).
+    """
+    est = OmegaEstimates.start(state.unit_roundoff, sum(t.numel() for t in state.q))
+    for j in range(1, state.iteration + 1):
+        row = est.next_row(state.alphas, state.betas, state.betas[j - 1])
+        decided = est.pending or est.exceeds(row)
+        if decided:
+            est.reorth_steps.append(j)
+        est.accept(row, decided)
+    return est
+
+
+def _current_estimates(state: LanczosState) -> OmegaEstimates:
+    """``state.omega``, rebuilt first when missing or stale (a state restored from a checkpoint)."""
+    if state.omega is None or state.omega.iteration != state.iteration:
+        state.omega = replay_omega_estimates(state)
+    return state.omega
+
+
+def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) -> float:
+    """Simon's partial re-orthogonalisation of ``w`` (the unnormalised :math:`q_{j+1}`); return :math:`\\beta_j`.
+
+    Re-orthogonalises ``w`` against the whole basis :math:`q_1..q_j` (:func:`_reorthogonalise_`) when the
+    estimates ask for it, and advances ``state.omega``. All previous vectors rather than only those whose
+    estimate exceeds :math:`\\varepsilon^{3/4}`, for three reasons: the basis pass is a matrix product over
+    contiguous rows, bound by memory bandwidth, and a subset of rows would need a gather (a copy costing
+    more than reading them in place); resetting every estimate lets all of them restart from rounding
+    level, so the next crossing comes later; and the saving of partial re-orthogonalisation is in the
+    steps skipped, not in rows skipped within a step.
+    """
+    est = _current_estimates(state)
+    j = state.iteration + 1
+    alphas = [*state.alphas, alpha]
+    # The second of a pair needs no estimate to decide, so no norm before the basis pass: it costs what a
+    # step of "full" costs, and a step without re-orthogonalisation what a step of "none" costs.
+    reorthogonalise = est.pending
+    if not reorthogonalise:
+        beta = V.norm(w)
+        reorthogonalise = est.exceeds(est.next_row(alphas, state.betas, beta))
+    if reorthogonalise:
+        beta = _reorthogonalise_(w, state.basis, j)
+        est.reorth_steps.append(j)
+    # Decide the reset with the beta that T keeps, so that replay_omega_estimates, which knows only that
+    # beta, takes the same decisions. After a crossing it is smaller than the beta the crossing was found
+    # with, except by rounding, so the crossing almost always stands; if not, the vector is merely more
+    # orthogonal than estimated.
+    row = est.next_row(alphas, state.betas, beta)
+    est.accept(row, est.pending or est.exceeds(row))
+    return beta
+
+
 # ---------------------------------------------------------------------------------------------- state machine
 def lanczos_init(
     op: SymmetricOperator,
@@ -430,6 +648,8 @@ def lanczos_init(
     if reorth != "none":
         state.basis = _allocate_basis(q, num_iters + 1, offload=reorth == "offload", workspace=workspace)
         _store_row(state.basis, 0, q)
+    if reorth == "partial":
+        state.omega = OmegaEstimates.start(state.unit_roundoff, op.dim)
     return state
 
 
@@ -470,7 +690,9 @@ def lanczos_advance(state: LanczosState, w: TensorList) -> LanczosState:
             "(e.g. overflow in half precision) before running Lanczos"
         )
     V.axpy_(-alpha, state.q, w)
-    if state.basis is not None:
+    if state.reorth == "partial":
+        beta = _partial_reorthogonalise_(state, w, alpha)
+    elif state.basis is not None:
         beta = _reorthogonalise_(w, state.basis, j)
     else:
         beta = V.norm(w)
@@ -513,8 +735,15 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
             alphas, betas, values, unit_roundoff=state.unit_roundoff, residual_estimates=residuals,
             dim=sum(t.numel() for t in state.q),
         )
-    else:  # a kept, re-orthogonalised basis produces no ghosts; the test would only flag close genuine values
+    else:  # a kept, (semi-)orthogonal basis produces no ghosts; the test would only flag close genuine values
         ghosts = np.zeros(k, dtype=bool)
+    partial = {}
+    if state.reorth == "partial":
+        est = _current_estimates(state)
+        steps = tuple(j for j in est.reorth_steps if j <= k)
+        # Rows of q_2..q_k, the vectors orthogonality_loss measures (q_{k+1} is not part of the result).
+        partial = dict(num_reorth_steps=len(steps), reorth_steps=steps,
+                       max_omega=max(est.row_max[: k - 1], default=0.0))
     return LanczosResult(
         alphas=alphas,
         betas=betas,
@@ -529,6 +758,7 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
         reorth=state.reorth,
         seed=state.seed,
         probe=state.probe,
+        **partial,
     )
 
 
@@ -550,14 +780,19 @@ def lanczos(
     op : SymmetricOperator
         The symmetric operator :math:`H` (dimension ``n = op.dim``).
     num_iters : int
-        Number of iterations ``k`` (= products with ``H``). At most ``n`` with ``reorth="full"`` or
-        ``"offload"``; unrestricted with ``"none"``.
-    reorth : {"full", "offload", "none"}
+        Number of iterations ``k`` (= products with ``H``). At most ``n`` with ``reorth="full"``,
+        ``"offload"`` or ``"partial"``; unrestricted with ``"none"``.
+    reorth : {"full", "offload", "none", "partial"}
         ``"full"``: keep the basis, ``(num_iters + 1) x numel`` per block on the block's device, and
         re-orthogonalise every new vector against it (classical Gram-Schmidt as matrix products, a second
         pass when the first removed more than half of the vector). ``"offload"``: the same with the
         basis in CPU memory, so an accelerator holds O(1) vectors.
         ``"none"``: plain recurrence with three vectors; expect ghosts in long runs.
+        ``"partial"``: the basis of ``"full"`` (same memory), re-orthogonalised only in pairs of steps when
+        Simon's estimates (:class:`OmegaEstimates`) pass :math:`\\sqrt{\\varepsilon}`: the basis stays
+        semi-orthogonal, which makes :math:`T_k` (Ritz values and weights) that of ``"full"`` to working
+        precision and leaves no ghosts, while the steps between pairs skip the basis passes (how many
+        depends on the spectrum and the dtype: see :class:`OmegaEstimates` and :func:`omega_rounding`).
     seed : int
         Seed of the start probe (ignored when ``start`` is given).
     start : list of tensors, optional

@@ -1,0 +1,272 @@
+"""Simon's partial re-orthogonalisation (``reorth="partial"``) against full re-orthogonalisation.
+
+The matrices have known spectra: ``Q diag(eigs) Q^T`` with a random orthogonal ``Q``. The hard case is
+shaped like an LM Hessian, a few large outliers over a bulk: the outliers converge within a few steps, and
+from then on a plain run loses orthogonality along them by a factor of about ``|outlier| / beta`` per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hess_utils import vectors as V
+from hess_utils.algorithms import lanczos, lanczos_init, lanczos_resume, lanczos_step, slq
+from hess_utils.checkpoint import run_slq
+from hess_utils.operators import as_operator
+from hess_utils.operators.base import SymmetricOperator
+from hess_utils.operators.hessian import hessian_operator
+from tests.test_lanczos import BlockOperator, IdentityOperator, symmetric_with_eigenvalues
+from tests.tiny import tiny_batches, tiny_model
+
+# The module, not the function of the same name that hess_utils.algorithms exports.
+lz = importlib.import_module("hess_utils.algorithms.lanczos")
+
+ITERS = 80
+OUTLIERS = np.array([100.0, 60.0, 35.0, 20.0, 12.0, -8.0, -15.0])
+
+
+def lm_like(n: int = 400, seed: int = 0) -> np.ndarray:
+    """Seven outliers from -15 to 100 over a Gaussian bulk of standard deviation 0.5 (ascending)."""
+    bulk = np.random.default_rng(seed).normal(0.0, 0.5, n - OUTLIERS.size)
+    return np.sort(np.concatenate([bulk, OUTLIERS]))
+
+
+def geometric(n: int = 300) -> np.ndarray:
+    """Eigenvalues spread geometrically over six decades: the top ones converge one after the other."""
+    return np.geomspace(1e-3, 1e3, n)
+
+
+SPECTRA = {"lm_like": lm_like, "geometric": geometric}
+
+
+@pytest.fixture(scope="module")
+def runs64():
+    """Full, partial and plain runs of ITERS steps on each float64 test matrix, from the same probe."""
+    out = {}
+    for name, make in SPECTRA.items():
+        eigs = make()
+        op = as_operator(symmetric_with_eigenvalues(eigs, seed=1))
+        out[name] = eigs, {m: lanczos(op, ITERS, reorth=m, seed=2, progress=False) for m in ("full", "partial", "none")}
+    return out
+
+
+def copies_per_eigenvalue(res, eigs: np.ndarray, rtol: float) -> np.ndarray:
+    """How many converged Ritz values (residual estimate <= rtol ||H||) lie within rtol ||H|| of each eigenvalue."""
+    scale = np.abs(eigs).max()
+    conv = res.ritz_values[res.converged(rtol)]
+    near = np.abs(conv[:, None] - eigs[None, :]) <= rtol * scale
+    assert near.any(axis=1).all(), "a converged Ritz value is no eigenvalue"
+    return near.sum(axis=0)
+
+
+def maximal_runs(steps) -> list[tuple[int, int]]:
+    """``steps`` (ascending) as maximal runs of consecutive integers ``(first, length)``."""
+    runs: list[tuple[int, int]] = []
+    for s in steps:
+        if runs and s == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((s, 1))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- float64
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_partial_gives_the_ritz_values_and_weights_of_full(runs64, name):
+    eigs, res = runs64[name]
+    full, partial = res["full"], res["partial"]
+    scale = np.abs(eigs).max()
+    assert partial.num_iters == full.num_iters == ITERS and partial.reorth == "partial"
+    np.testing.assert_allclose(partial.ritz_values, full.ritz_values, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(partial.ritz_weights, full.ritz_weights, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(partial.alphas, full.alphas, rtol=0, atol=1e-10 * scale)
+    # ... while the plain recurrence does not (so these tolerances can fail).
+    assert np.abs(res["none"].ritz_values - full.ritz_values).max() > 1e-2 * scale
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_partial_keeps_the_basis_semi_orthogonal_for_a_fraction_of_the_passes(runs64, name):
+    eigs, res = runs64[name]
+    partial, full = res["partial"], res["full"]
+    eps = float(torch.finfo(torch.float64).eps)
+    assert 0 < partial.num_reorth_steps < ITERS
+    steps = partial.reorth_steps
+    assert len(steps) == partial.num_reorth_steps and list(steps) == sorted(set(steps))
+    assert all(1 <= s <= ITERS for s in steps)
+    # Simon's pairs: a crossing re-orthogonalises its vector and the next one, so the steps come in runs
+    # of even length (a pair may follow a pair at once), except a last one cut short by the end of the run.
+    for first, length in maximal_runs(steps):
+        assert length % 2 == 0 or first + length - 1 == ITERS
+    # Semi-orthogonal: measured loss below sqrt(eps) (and far above what full keeps: it did skip steps),
+    # bounded by the estimate, which itself was kept below the threshold.
+    assert partial.orthogonality_loss <= math.sqrt(eps)
+    assert partial.orthogonality_loss > 100 * full.orthogonality_loss
+    assert partial.orthogonality_loss <= partial.max_omega <= math.sqrt(eps)
+
+
+def test_partial_leaves_no_ghost_where_the_plain_run_does(runs64):
+    eigs, res = runs64["lm_like"]
+    for mode in ("full", "partial"):
+        copies = copies_per_eigenvalue(res[mode], eigs, rtol=1e-8)
+        assert copies.max() == 1, mode  # every converged eigenvalue once
+        assert (copies[np.isin(eigs, OUTLIERS)] == 1).all(), mode  # and every outlier converged
+        assert not res[mode].ghost_mask.any()
+    # The same count on the plain run finds the duplicates: the test detects ghosts.
+    copies = copies_per_eigenvalue(res["none"], eigs, rtol=1e-8)
+    assert copies.max() >= 2
+    assert (copies[np.isin(eigs, OUTLIERS)] >= 2).sum() >= 3
+
+
+def test_other_modes_leave_the_new_diagnostics_at_their_defaults(runs64):
+    _, res = runs64["geometric"]
+    for mode in ("full", "none"):
+        assert res[mode].num_reorth_steps == 0 and res[mode].reorth_steps is None and res[mode].max_omega is None
+    assert "partial" in lz.REORTH_MODES
+    state = lanczos_init(as_operator(symmetric_with_eigenvalues(geometric(20))), 5, reorth="full")
+    assert state.omega is None
+
+
+# ---------------------------------------------------------------------------------------------- estimates
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_estimates_bound_the_measured_loss_row_by_row(dtype):
+    """Each kept estimate max_k |omega_{j+1,k}| is at least the measured max_k |q_{j+1}^T q_k|: the recurrence
+    with its pessimistic rounding terms never lets a loss of orthogonality through unseen."""
+    op = as_operator(symmetric_with_eigenvalues(lm_like(), seed=1, dtype=dtype))
+    state = lanczos_init(op, ITERS, reorth="partial", seed=2)
+    for _ in range(ITERS):
+        lanczos_step(op, state)
+    q = state.basis[0][: ITERS + 1].double()
+    gram = (q @ q.T).abs()
+    measured = np.array([float(gram[j, :j].max()) for j in range(1, ITERS + 1)])
+    estimated = np.array(state.omega.row_max)
+    assert estimated.shape == measured.shape
+    assert np.all(estimated >= measured)
+    assert np.all(estimated <= math.sqrt(float(torch.finfo(dtype).eps)))
+
+
+def test_estimates_replay_bit_for_bit_from_alphas_and_betas(runs64):
+    eigs, _ = runs64["lm_like"]
+    op = as_operator(symmetric_with_eigenvalues(eigs, seed=1))
+    state = lanczos_init(op, ITERS, reorth="partial", seed=2)
+    for _ in range(30):
+        lanczos_step(op, state)
+    replayed = lz.replay_omega_estimates(state)
+    kept = state.omega
+    assert kept.reorth_steps and replayed.reorth_steps == kept.reorth_steps
+    assert replayed.iteration == kept.iteration == 30 and replayed.pending == kept.pending
+    assert np.array_equal(replayed.current, kept.current) and np.array_equal(replayed.previous, kept.previous)
+    assert replayed.row_max == kept.row_max
+    # A state without estimates (as a checkpoint restores it) rebuilds them and continues the same run.
+    reference = lanczos_resume(op, copy.deepcopy(state), progress=False)
+    state.omega = None
+    resumed = lanczos_resume(op, state, progress=False)
+    np.testing.assert_array_equal(resumed.alphas, reference.alphas)
+    np.testing.assert_array_equal(resumed.betas, reference.betas)
+    assert resumed.reorth_steps == reference.reorth_steps and resumed.max_omega == reference.max_omega
+
+
+# ---------------------------------------------------------------------------------------------- float32
+def test_float32_partial_matches_full():
+    eigs = lm_like()
+    op = as_operator(symmetric_with_eigenvalues(eigs, seed=1, dtype=torch.float32))
+    res = {m: lanczos(op, ITERS, reorth=m, seed=2, progress=False) for m in ("full", "partial", "none")}
+    full, partial = res["full"], res["partial"]
+    eps = float(torch.finfo(torch.float32).eps)
+    scale = np.abs(eigs).max()
+    # Float32 Ritz values are good to a few eps ||H||; partial and full agree to well within that.
+    np.testing.assert_allclose(partial.ritz_values, full.ritz_values, rtol=0, atol=50 * eps * scale)
+    np.testing.assert_allclose(partial.ritz_weights, full.ritz_weights, rtol=0, atol=1e-4)
+    assert np.abs(res["none"].ritz_values - full.ritz_values).max() > 1e-2 * scale
+    assert 0 < partial.num_reorth_steps < ITERS
+    assert partial.orthogonality_loss <= partial.max_omega <= math.sqrt(eps)
+    for mode in ("full", "partial"):
+        assert copies_per_eigenvalue(res[mode], eigs, rtol=1e-5).max() == 1, mode
+    assert copies_per_eigenvalue(res["none"], eigs, rtol=1e-5).max() >= 2
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+def test_partial_on_blocks_breakdown_and_aliasing():
+    eigs = geometric(60)
+    a = symmetric_with_eigenvalues(eigs, seed=4)
+    blocks = BlockOperator(a, [(3, 4), (5,), (2, 3, 2), (31,)])
+    start = torch.randn(60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    one = lanczos(as_operator(a), 50, reorth="partial", start=[start], progress=False)
+    many = lanczos(blocks, 50, reorth="partial", start=V.unflatten(start, blocks.zeros()), progress=False)
+    np.testing.assert_allclose(many.ritz_values, one.ritz_values, rtol=0, atol=1e-12 * eigs.max())
+    assert many.reorth_steps == one.reorth_steps and one.num_reorth_steps > 0
+
+    values = np.array([-2.0, 0.5, 1.0, 4.0, 7.0])
+    res = lanczos(as_operator(symmetric_with_eigenvalues(np.repeat(values, 12), seed=2)), 30, reorth="partial",
+                  progress=False)
+    assert res.breakdown and res.num_iters <= 5
+    np.testing.assert_allclose(res.ritz_values, values, rtol=0, atol=1e-10)
+
+    res = lanczos(IdentityOperator(10), 5, reorth="partial", progress=False)  # beta = 0 exactly
+    assert res.breakdown and res.num_iters == 1 and res.num_reorth_steps == 1
+    np.testing.assert_allclose(res.ritz_values, [1.0])
+    with pytest.raises(ValueError, match="exceeds the operator dimension"):
+        lanczos(as_operator(a), 61, reorth="partial", progress=False)
+
+
+def test_slq_passes_partial_through():
+    op = as_operator(symmetric_with_eigenvalues(lm_like(200), seed=3))
+    full = slq(op, 40, 3, reorth="full", seed=1, progress=False)
+    partial = slq(op, 40, 3, reorth="partial", seed=1, progress=False)
+    assert partial.reorth == "partial" and all(r.num_reorth_steps > 0 for r in partial.runs)
+    np.testing.assert_allclose(partial.ritz_values, full.ritz_values, rtol=0, atol=1e-10 * 100)
+    np.testing.assert_allclose(partial.ritz_weights, full.ritz_weights, rtol=0, atol=1e-10)
+
+
+class Interrupting(SymmetricOperator):
+    """Wraps an operator; raises KeyboardInterrupt at product number ``stop_at``."""
+
+    def __init__(self, inner: SymmetricOperator, stop_at: int | None = None) -> None:
+        self.inner, self.stop_at, self.count = inner, stop_at, 0
+        self.param_names, self.shapes = inner.param_names, inner.shapes
+        self.dtypes, self.devices = inner.dtypes, inner.devices
+
+    def _matvec(self, v):
+        self.count += 1
+        if self.stop_at is not None and self.count >= self.stop_at:
+            raise KeyboardInterrupt
+        return self.inner.matvec(v)
+
+
+def test_checkpointed_partial_run_resumes_bit_for_bit(tmp_path):
+    """The checkpoint stores no estimates; the resumed probe replays them and takes the same decisions."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-identical comparisons
+    try:
+        op = as_operator(symmetric_with_eigenvalues(lm_like(200), seed=3))
+        iters, probes = 40, 2
+        ref = slq(op, iters, probes, reorth="partial", seed=4, progress=False)
+        with pytest.raises(KeyboardInterrupt):  # in probe 1 at iteration 23; last checkpoint at 20
+            run_slq(Interrupting(op, iters + 23), iters, probes, tmp_path, reorth="partial", seed=4,
+                    checkpoint_every=5, progress=False)
+        resumed = run_slq(op, iters, probes, tmp_path, reorth="partial", seed=4, checkpoint_every=5,
+                          progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert ref.runs[1].reorth_steps and min(ref.runs[1].reorth_steps) < 20 < max(ref.runs[1].reorth_steps)
+    for a, b in zip(resumed.runs, ref.runs, strict=True):
+        assert np.array_equal(a.alphas, b.alphas) and np.array_equal(a.betas, b.betas)
+    assert resumed.runs[1].reorth_steps == ref.runs[1].reorth_steps
+
+
+# ---------------------------------------------------------------------------------------------- a model Hessian
+@pytest.mark.slow
+def test_tiny_model_hessian_partial_matches_full():
+    op = hessian_operator(tiny_model("gpt2"), tiny_batches(pad=True), method="rev-rev")
+    full = lanczos(op, 30, reorth="full", seed=0, progress=False)
+    partial = lanczos(op, 30, reorth="partial", seed=0, progress=False)
+    scale = np.abs(full.ritz_values).max()
+    np.testing.assert_allclose(partial.ritz_values, full.ritz_values, rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(partial.ritz_weights, full.ritz_weights, rtol=0, atol=1e-10)
+    assert 0 < partial.num_reorth_steps < 30
+    assert partial.orthogonality_loss <= partial.max_omega <= math.sqrt(float(torch.finfo(torch.float64).eps))
