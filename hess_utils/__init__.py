@@ -48,6 +48,8 @@ _EXPORTS = {
     "gradient_overlap": "hess_utils.algorithms.directions",
     "plot_mass_heatmap": "hess_utils.algorithms.directions",
     "parse_parameter_name": "hess_utils.algorithms.directions",
+    "keep_float64": "hess_utils.operators.precision",
+    "report_low_precision": "hess_utils.operators.precision",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -90,3 +92,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from hess_utils.operators.base import SymmetricOperator
     from hess_utils.operators.dense import as_operator
     from hess_utils.operators.hessian import HessianOperator, hessian_operator
+    from hess_utils.operators.precision import keep_float64, report_low_precision

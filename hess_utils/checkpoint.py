@@ -209,7 +209,9 @@ def _result_to_dict(result: LanczosResult) -> dict[str, Any]:
     out: dict[str, Any] = {name: torch.from_numpy(getattr(result, name).copy()) for name in _RESULT_FIELDS}
     out.update(orthogonality_loss=float(result.orthogonality_loss), breakdown=bool(result.breakdown),
                num_iters=int(result.num_iters), last_beta=float(result.last_beta), reorth=result.reorth,
-               seed=result.seed, probe=result.probe)
+               seed=result.seed, probe=result.probe, num_reorth_steps=int(result.num_reorth_steps),
+               reorth_steps=None if result.reorth_steps is None else [int(i) for i in result.reorth_steps],
+               max_omega=None if result.max_omega is None else float(result.max_omega))
     return out
 
 
@@ -217,7 +219,9 @@ def _result_from_dict(d: dict[str, Any]) -> LanczosResult:
     arrays = {name: d[name].numpy().copy() for name in _RESULT_FIELDS}
     return LanczosResult(**arrays, orthogonality_loss=d["orthogonality_loss"], breakdown=d["breakdown"],
                          num_iters=d["num_iters"], last_beta=d["last_beta"], reorth=d["reorth"], seed=d["seed"],
-                         probe=d["probe"])
+                         probe=d["probe"], num_reorth_steps=d.get("num_reorth_steps", 0),
+                         reorth_steps=None if d.get("reorth_steps") is None else tuple(d["reorth_steps"]),
+                         max_omega=d.get("max_omega"))
 
 
 def _state_scalars(state: LanczosState) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import torch
 
 from hess_utils import loss as L
 from hess_utils import vectors as V
+from hess_utils.algorithms.lanczos import machine_epsilon
 from hess_utils.algorithms.probes import probe_seed
 from hess_utils.progress import progress_bar
 
@@ -57,7 +58,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def unit_roundoff(dtype: str | torch.dtype) -> float:
     """``u = eps / 2`` of a floating dtype (1.1e-16 float64, 6.0e-8 float32, 3.9e-3 bfloat16)."""
-    return torch.finfo(_dtype(dtype)).eps / 2
+    return machine_epsilon([_dtype(dtype)]) / 2
 
 
 def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:

@@ -187,20 +187,25 @@ def test_dense_hessian_symmetric_and_full_operator_matches():
 
 
 def test_float64_fix_is_scoped_and_float32_untouched():
-    """Our float64 kernels are only active inside the context; float32 logits are bit-identical."""
+    """The float64 mode is active only inside the context and only for float64 models; float32 logits are
+    bit-identical."""
+    from hess_utils.operators.precision import float64_mode_active
+
     model = tiny_model("llama", dtype=torch.float32)
     ids = tiny_batches(num_batches=1)[0]["input_ids"]
     plain = model(input_ids=ids).logits
     with hessian_context(model):
+        assert not float64_mode_active()
         inside = model(input_ids=ids).logits
     assert torch.equal(plain, inside)
     model64 = tiny_model("llama")
     before = model64.config._attn_implementation
     with hessian_context(model64):
-        assert model64.config._attn_implementation != before
+        assert float64_mode_active()
+        assert model64.config._attn_implementation == before  # no kernel swapped: the casts are changed
         precise = model64(input_ids=ids).logits
-    assert model64.config._attn_implementation == before
-    assert rel(precise, model64(input_ids=ids).logits) < 1e-6  # same function, float32-rounded outside
+    assert not float64_mode_active()
+    assert 0 < rel(precise, model64(input_ids=ids).logits) < 1e-6  # same function, float32-rounded outside
 
 
 def test_sum_reduction_is_additive_and_mean_scales():

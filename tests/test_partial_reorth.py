@@ -257,6 +257,10 @@ def test_checkpointed_partial_run_resumes_bit_for_bit(tmp_path):
     for a, b in zip(resumed.runs, ref.runs, strict=True):
         assert np.array_equal(a.alphas, b.alphas) and np.array_equal(a.betas, b.betas)
     assert resumed.runs[1].reorth_steps == ref.runs[1].reorth_steps
+    # Probe 0 finished before the interruption: its diagnostics come back from the checkpoint.
+    assert resumed.runs[0].reorth_steps == ref.runs[0].reorth_steps
+    assert resumed.runs[0].num_reorth_steps == ref.runs[0].num_reorth_steps > 0
+    assert resumed.runs[0].max_omega == ref.runs[0].max_omega
 
 
 # ---------------------------------------------------------------------------------------------- a model Hessian

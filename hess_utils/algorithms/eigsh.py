@@ -62,7 +62,7 @@ from hess_utils.algorithms.lanczos import (
     _store_row,
     _subtract_projection_,
     default_breakdown_rtol,
-    unit_roundoff,
+    machine_epsilon,
 )
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
@@ -232,7 +232,7 @@ def _check_config(
         )
     if not (isinstance(tol, numbers.Real) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a finite number > 0 (relative residual), got {tol!r}")
-    eps = unit_roundoff(op.dtypes)
+    eps = machine_epsilon(op.dtypes)
     if tol < eps:
         raise ValueError(
             f"tol={tol:g} is below the rounding unit {eps:.1e} of the operator dtype ({op.dtype}): no residual "

@@ -357,11 +357,16 @@ def default_breakdown_rtol(dtypes: Sequence[torch.dtype]) -> float:
     that a bulk of eigenvalues a few percent of the largest does not end the run: stopping too early
     loses the spectrum, while continuing through noise only adds Ritz values of negligible weight.
     """
-    return min(max(1e-10, 10.0 * unit_roundoff(dtypes)), 1e-3)
+    return min(max(1e-10, 10.0 * machine_epsilon(dtypes)), 1e-3)
 
 
-def unit_roundoff(dtypes: Sequence[torch.dtype]) -> float:
-    """Machine epsilon of the least precise of ``dtypes``."""
+def machine_epsilon(dtypes: Sequence[torch.dtype]) -> float:
+    """Machine epsilon ``eps`` (spacing of floats at 1) of the least precise of ``dtypes``.
+
+    The one definition of the package: the unit roundoff ``u`` is ``eps / 2``. The Lanczos state's
+    ``unit_roundoff`` field and Cullum-Willoughby's ``unit_roundoff`` argument hold ``eps`` (a bound of
+    the rounding of one step, not of one operation).
+    """
     return max(torch.finfo(d).eps for d in dtypes)
 
 
@@ -642,7 +647,7 @@ def lanczos_init(
         probe=CUSTOM_START if start is not None else probe,
         tol=None if tol is None else float(tol),
         rtol=default_breakdown_rtol(op.dtypes),
-        unit_roundoff=unit_roundoff(op.dtypes),
+        unit_roundoff=machine_epsilon(op.dtypes),
         q=q,
     )
     if reorth != "none":

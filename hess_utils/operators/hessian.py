@@ -557,7 +557,15 @@ class HessianOperator(SymmetricOperator):
         primals = tuple(p.detach() for p in self.params)
         argnums = tuple(range(len(primals)))
         with torch.no_grad():  # torch.func ignores an outer no_grad; it stops a graph for the other weights
-            _, hv = jvp(grad(batch_loss, argnums=argnums), primals, tuple(v))
+            try:
+                _, hv = jvp(grad(batch_loss, argnums=argnums), primals, tuple(v))
+            except RuntimeError as err:
+                if "setup_context" not in str(err):
+                    raise
+                raise ValueError(
+                    f"method='fwd-rev' cannot differentiate {type(self.model).__name__}: its forward calls an "
+                    "autograd.Function without setup_context (e.g. Bloom's GeLUFunction), which torch.func "
+                    "refuses; use method='rev-rev' or 'fd'") from err
         return list(hv)
 
     def _gradient_sum(self) -> TensorList:
