@@ -595,6 +595,30 @@ def _finished_before_loading(out: Path, config: dict[str, Any], marker: str) -> 
     return (out / marker).exists()
 
 
+def _run_folder(args: argparse.Namespace, marker: str) -> tuple[Path, dict[str, Any], bool]:
+    """A command's run folder and configuration, and whether that folder already holds this finished run
+    (``marker`` written last); nothing is loaded for that answer."""
+    _check_args(args)
+    out = Path(args.out) if args.out else default_out(args)
+    config = run_config(args)
+    done = _finished_before_loading(out, config, marker)
+    if done:
+        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+    return out, config, done
+
+
+def _claim_run_folder(out: Path, config: dict[str, Any], op, marker: str) -> tuple[bool, dict[str, Any]]:
+    """Refuse a folder of another run (:func:`hess_utils.checkpoint.check_run_folder`, with the operator's
+    fingerprint); returns whether this process writes (rank 0) and the full configuration checked."""
+    from hess_utils import checkpoint
+    from hess_utils.operators.engines.ddp import is_main_process
+
+    writer = is_main_process()
+    full = {**config, **checkpoint.operator_fingerprint(op)}
+    checkpoint.check_run_folder(out, full, marker, writer)
+    return writer, full
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def run_spectrum(args: argparse.Namespace) -> Path:
     """Load, sample, build the operator, run checkpointed SLQ, save the run folder; returns it.
@@ -604,12 +628,9 @@ def run_spectrum(args: argparse.Namespace) -> Path:
     """
     from hess_utils import checkpoint
 
-    _check_args(args)
-    out = Path(args.out) if args.out else default_out(args)
-    config = run_config(args)
-    if _finished_before_loading(out, config, "ritz.csv"):
+    out, config, done = _run_folder(args, "ritz.csv")
+    if done:
         checkpoint.load_slq_result(out)  # verifies the checkpoint's digest
-        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
         return out
     with _Closing(build(args)) as setup:
         op = setup.op
@@ -643,22 +664,16 @@ def run_diagonal(args: argparse.Namespace) -> Path:
     import numpy as np
     import pandas as pd
 
-    from hess_utils import checkpoint, runs
+    from hess_utils import runs
     from hess_utils.algorithms import hutchinson_diagonal
-    from hess_utils.operators.engines.ddp import is_main_process
 
-    _check_args(args)
-    out = Path(args.out) if args.out else default_out(args)
-    config = run_config(args)
-    if _finished_before_loading(out, config, "diagonal.csv"):
-        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+    out, config, done = _run_folder(args, "diagonal.csv")
+    if done:
         return out
     with _Closing(build(args)) as setup:
         op = setup.op
         _describe(args, setup)
-        writer = is_main_process()
-        full = {**config, **checkpoint.operator_fingerprint(op)}
-        checkpoint.check_run_folder(out, full, "diagonal.csv", writer)
+        writer, full = _claim_run_folder(out, config, op, "diagonal.csv")
         t1 = time.perf_counter()
         res = hutchinson_diagonal(op, num_probes=args.probes, seed=args.seed, probe=args.probe_kind,
                                   progress=not args.no_progress and writer)
@@ -692,15 +707,11 @@ def run_column(args: argparse.Namespace) -> Path:
     import numpy as np
     import pandas as pd
 
-    from hess_utils import checkpoint, runs
+    from hess_utils import runs
     from hess_utils.algorithms.columns import hessian_column, threshold_table
-    from hess_utils.operators.engines.ddp import is_main_process
 
-    _check_args(args)
-    out = Path(args.out) if args.out else default_out(args)
-    config = run_config(args)
-    if _finished_before_loading(out, config, "thresholds.csv"):
-        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+    out, config, done = _run_folder(args, "thresholds.csv")
+    if done:
         return out
     with _Closing(build(args)) as setup:
         op = setup.op
@@ -709,9 +720,7 @@ def run_column(args: argparse.Namespace) -> Path:
         if bad:
             raise CLIError(f"--index {bad[0]} is out of range: the Hessian has dimension {op.dim:,} (indices 0.."
                            f"{op.dim - 1})")
-        writer = is_main_process()
-        full = {**config, **checkpoint.operator_fingerprint(op)}
-        checkpoint.check_run_folder(out, full, "thresholds.csv", writer)
+        writer, full = _claim_run_folder(out, config, op, "thresholds.csv")
         t1 = time.perf_counter()
         columns = [hessian_column(op, i) for i in args.index]
         compute_s = time.perf_counter() - t1
@@ -759,16 +768,12 @@ def run_eigs(args: argparse.Namespace) -> Path:
     """
     import pandas as pd
 
-    from hess_utils import checkpoint, runs
+    from hess_utils import runs
     from hess_utils.algorithms.directions import gradient_overlap, mass_by_group
     from hess_utils.algorithms.eigsh import eigsh
-    from hess_utils.operators.engines.ddp import is_main_process
 
-    _check_args(args)
-    out = Path(args.out) if args.out else default_out(args)
-    config = run_config(args)
-    if _finished_before_loading(out, config, "eigenpairs.csv"):
-        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+    out, config, done = _run_folder(args, "eigenpairs.csv")
+    if done:
         return out
     with _Closing(build(args)) as setup:
         op = setup.op
@@ -776,9 +781,7 @@ def run_eigs(args: argparse.Namespace) -> Path:
         if args.k >= op.dim:
             raise CLIError(f"--k {args.k} must be below the Hessian's dimension {op.dim:,} (select more --params, "
                            "or compute the dense matrix)")
-        writer = is_main_process()
-        full = {**config, **checkpoint.operator_fingerprint(op)}
-        checkpoint.check_run_folder(out, full, "eigenpairs.csv", writer)
+        writer, full = _claim_run_folder(out, config, op, "eigenpairs.csv")
         gradient_s = gradient_seconds(op)
         gradient = op.gradient()  # collective under ddp/fsdp: every rank takes it
         t1 = time.perf_counter()
@@ -828,23 +831,17 @@ def run_solve(args: argparse.Namespace) -> Path:
     import numpy as np
     import pandas as pd
 
-    from hess_utils import checkpoint, runs
+    from hess_utils import runs
     from hess_utils import vectors as V
     from hess_utils.algorithms.solve import cg, minres
-    from hess_utils.operators.engines.ddp import is_main_process
 
-    _check_args(args)
-    out = Path(args.out) if args.out else default_out(args)
-    config = run_config(args)
-    if _finished_before_loading(out, config, "residuals.csv"):
-        _say(f"{out} holds this finished run: nothing recomputed (delete the folder to recompute)")
+    out, config, done = _run_folder(args, "residuals.csv")
+    if done:
         return out
     with _Closing(build(args)) as setup:
         op = setup.op
         _describe(args, setup)
-        writer = is_main_process()
-        full = {**config, **checkpoint.operator_fingerprint(op)}
-        checkpoint.check_run_folder(out, full, "residuals.csv", writer)
+        writer, full = _claim_run_folder(out, config, op, "residuals.csv")
         gradient_s = gradient_seconds(op)
         gradient = op.gradient()
         solver = cg if args.solver == "cg" else minres

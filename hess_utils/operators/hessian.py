@@ -651,10 +651,7 @@ class HessianOperator(SymmetricOperator):
                 h2 = second_fd_step(h1, tau1, self.fd_tolerance)
                 second, tau2 = self._fd_pair(weights, saved, direction, h2, self._fd_center)
         finally:
-            with torch.no_grad():
-                for w, copy in zip(weights, saved, strict=True):
-                    w.copy_(copy)
-            self._fd_note_restored()
+            self._fd_restore(weights, saved)
         if not adaptive:
             self.num_gradients += 2
             self.last_fd = FDProduct((h1,), (tau1,), float("nan"), "first", 2)
@@ -676,10 +673,7 @@ class HessianOperator(SymmetricOperator):
             try:
                 third, tau3 = self._fd_pair(weights, saved, direction, h3, self._fd_center)
             finally:
-                with torch.no_grad():
-                    for w, copy in zip(weights, saved, strict=True):
-                        w.copy_(copy)
-                self._fd_note_restored()
+                self._fd_restore(weights, saved)
             for d3 in third:
                 d3.mul_(factor / (2 * h3))
             steps.append(h3)
@@ -753,6 +747,13 @@ class HessianOperator(SymmetricOperator):
             # D = d / (2 h) and S = s / h^2, so h ||S|| / ||D|| = 2 ||s|| / ||d||.
             tau = 2 * math.sqrt(second / first) if first > 0 else (0.0 if second == 0 else float("inf"))
         return g_plus, tau
+
+    def _fd_restore(self, weights: TensorList, saved: TensorList) -> None:
+        """Put the weights back bit for bit from their saved copy (after the pairs, or on an error)."""
+        with torch.no_grad():
+            for w, copy in zip(weights, saved, strict=True):
+                w.copy_(copy)
+        self._fd_note_restored()
 
     def _fd_note_restored(self) -> None:
         """The weights are back bit for bit: caches keyed on their versions still hold."""
