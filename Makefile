@@ -59,7 +59,7 @@ LATEST := .venv-latest
 test-latest: | $(UV)
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
-	$(UV) pip install -q --python $(LATEST)/bin/python $(TORCH_SOURCE) "torch==2.13.0" --upgrade -e ".[dev]" setuptools
+	$(UV) pip install -q --python $(LATEST)/bin/python $(TORCH_SOURCE) "torch==2.13.0" --upgrade -e ".[harness,dev]" setuptools
 	$(LATEST)/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 	@echo "== how the newest releases differ from requirements.lock (information, not a failure)"
 	-$(LATEST)/bin/python scripts/check_lock.py requirements.lock
