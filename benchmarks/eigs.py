@@ -1,8 +1,11 @@
 """Top-k eigenpairs side by side: hess_utils ``eigsh``, scipy's ARPACK on ``to_scipy()``, PyHessian's power iteration.
 
     python -m benchmarks.eigs [--workload gpt2-5m] [--k 5] [--repeats 2] [--quick] [--threads 1]
-                              [--target 1e-5] [--ours-tols 1e-5,1e-4] [--scipy-tols 1e-5,1e-4]
-                              [--pyhessian 1e-3:100,1e-10:100] [--memory-extra 3] [--memory-budget 60]
+                              [--target 1e-5] [--ours-tols 1e-4,1e-5] [--scipy-tols 1e-4,1e-5]
+                              [--pyhessian 1e-3:100,1e-10:100] [--extras nocheck,memory[,basis]]
+                              [--memory-extra 3] [--memory-budget 60] [--resume STEM]
+
+The defaults are the full run of ``benchmarks/RESULTS.md`` (about 35 min on one loaded core).
 
 Every system gets the same model, batch and loss (``benchmarks/workloads.py``; ``--quick``: a smaller GPT-2,
 vocab 2048, 2 layers, width 128, same 4 x 128 batch) and is asked for the ``k`` largest eigenpairs:
@@ -40,14 +43,16 @@ so an interrupted run leaves the rows measured so far.
   every tensor of 4 MiB or more (a Krylov basis, ARPACK's workspace, a 16 MiB logits tensor) is its own
   mapping, returned to the kernel on free, so the resident set follows them rather than glibc's cache
   (without a fixed threshold glibc raises it to 32 MiB after the first free and keeps freed vectors);
-  smaller tensors stay on the heap, which may hold a few of them freed. ``benchmarks/worker.py`` uses
-  65536, which here made each product about 1.6x slower (a page fault per fresh activation); the two
-  agreed on a partial run of this benchmark (see RESULTS.md). ``tracemalloc`` does not see torch's
-  allocations and torch has no CPU allocator statistics; a sampling thread would miss short peaks.
+  smaller tensors stay on the heap, which may hold a few of them freed (so two runs' baselines differ by tens
+  of MiB). ``benchmarks/worker.py`` uses 65536, which here made each product about 1.6x slower (a page fault
+  per fresh activation); on the rows both measured (a first, interrupted run with 65536) they agreed within
+  about 15%. ``tracemalloc`` does not see torch's allocations and torch has no CPU allocator statistics; a
+  sampling thread would miss short peaks.
 * **memory flatness**: ``ours`` with a small basis (``num_extra=--memory-extra``, so it restarts often) once
   to ``--target`` and once for a fixed budget of ``--memory-budget`` products (``tol`` near float32 rounding);
   a callback reads and resets the peak after every product, giving the peak per product; the table shows the
-  run's peak and the peak over its last quarter of products.
+  run's peak and the largest per-product peaks over its first and last quarter of products (the same
+  baseline, so they compare better than two runs, whose baselines differ by what the heap kept).
 
 Results: ``benchmarks/results/eigs-<date>.csv`` (one row per run), ``.json`` (provenance, arguments, every run
 with eigenvalues, residuals and the per-product memory trace) and ``.md`` (the table).
@@ -386,10 +391,11 @@ def summarise(specs: list[Spec], runs: list[dict], target: float) -> pd.DataFram
             ratios = [r["seconds"] / statistics.median(ours_time.values()) for r in mine]
         last = mine[-1]
         per_pair = " ".join(_fmt_e(x) for x in sorted(last["relative_residuals"]))
-        tail = None
+        quarters = "-"
         if last.get("trace"):
-            q = last["trace"][-max(1, len(last["trace"]) // 4):]
-            tail = max(q) / MIB
+            n = max(1, len(last["trace"]) // 4)
+            first, tail = max(last["trace"][:n]) / MIB, max(last["trace"][-n:]) / MIB
+            quarters = f"{first:.0f} / {tail:.0f}"
         rows.append({
             "system": s.label,
             "runs": len(mine),
@@ -404,9 +410,40 @@ def summarise(specs: list[Spec], runs: list[dict], target: float) -> pd.DataFram
             "rel. residuals (last run, ascending)": per_pair,
             "eigenvalue error / |lambda_max|": max(r["eigenvalue_error"] for r in mine),
             "peak MiB above start": statistics.median(r["peak_bytes"] for r in mine) / MIB,
-            "peak MiB, last quarter of products": tail,
+            "peak MiB per product, first / last quarter": quarters,
         })
     return pd.DataFrame(rows)
+
+
+def pyhessian_iterates(run: dict, k: int, lam: float, target: float) -> str:
+    """Per pair of a PyHessian run: its products, the Rayleigh quotient and residual of its last iterate (from
+    the counting wrapper, relative to ``|lambda_max|``), the per-iteration factor of the residual over the last
+    half of its iterations, and the iterations that factor would need to reach ``target`` (an extrapolation).
+
+    A pair starts from a Gaussian vector, whose Rayleigh quotient (about ``trace / n``) is far below the
+    converging ones: a new pair is where it drops under a fifth of the previous iterate's."""
+    hist = run["info"].get("iterate_history") or []
+    if not hist:
+        return ""
+    theta_all = [h[0] for h in hist]
+    starts = [0] + [i for i in range(1, len(hist)) if abs(theta_all[i]) < 0.2 * abs(theta_all[i - 1])]
+    if len(starts) != k:
+        return ""
+    bounds = list(zip(starts, starts[1:] + [len(hist)]))
+    lines = [f"PyHessian `{run['key']}`, per pair (the iterate's residual ||Hv - (v^T H v) v|| / |lambda_max|, "
+             "seen by the counting wrapper; the last column extrapolates the last half's rate)", "",
+             "| pair | products | Rayleigh quotient, last iterate | residual, last iterate | factor per iteration, "
+             f"last half | iterations to {target:g} at that factor |", "|---|---|---|---|---|---|"]
+    for j, (lo, hi) in enumerate(bounds):
+        n = hi - lo
+        res = np.array([h[1] for h in hist[lo:hi]]) / lam
+        half = res[n // 2:]
+        slope = np.polyfit(np.arange(len(half)), np.log(np.maximum(half, 1e-300)), 1)[0] if len(half) > 1 else 0.0
+        factor = float(np.exp(slope))
+        more = math.log(target / res[-1]) / slope if slope < 0 and res[-1] > target else math.nan
+        need = "-" if not math.isfinite(more) else f"{n + more:,.0f}"
+        lines.append(f"| {j + 1} | {n} | {theta_all[hi - 1]:.6g} | {res[-1]:.1e} | {factor:.4f} | {need} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -426,7 +463,7 @@ def markdown(frame: pd.DataFrame) -> str:
                 cells.append("-" if not math.isfinite(x) else f"{x:.2f}")
             elif c == "s / product":
                 cells.append(f"{x:.2f}")
-            elif c.startswith("peak"):
+            elif c == "peak MiB above start":
                 cells.append("-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.0f}")
             else:
                 cells.append(str(x))
@@ -445,14 +482,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch CPU threads for every system (1: on a loaded 2-core machine two threads made "
                              "a product 2-17x slower in a probe)")
     parser.add_argument("--target", type=float, default=1e-5, help="relative residual to reach")
-    parser.add_argument("--ours-tols", default="1e-5,1e-4", help="the first runs --repeats times, the rest once")
-    parser.add_argument("--scipy-tols", default="1e-5,1e-4", help="the first runs --repeats times, the rest once")
-    parser.add_argument("--pyhessian", default="1e-3:100,1e-10:60", help="TOL:MAXITER,... (each runs once)")
-    parser.add_argument("--extras", default="nocheck,basis,memory",
+    parser.add_argument("--ours-tols", default="1e-4,1e-5", help="the first runs --repeats times, the rest once")
+    parser.add_argument("--scipy-tols", default="1e-4,1e-5", help="the first runs --repeats times, the rest once")
+    parser.add_argument("--pyhessian", default="1e-3:100,1e-10:100", help="TOL:MAXITER,... (each runs once)")
+    parser.add_argument("--extras", default="nocheck,memory",
                         help="extra rows of ours: nocheck (check_multiplicity=False), basis (ARPACK's ncv), memory")
     parser.add_argument("--memory-extra", type=int, default=3, help="num_extra of the memory-flatness rows")
     parser.add_argument("--memory-budget", type=int, default=60, help="products of the fixed-budget row")
     parser.add_argument("--stem", default=None, help="output file stem (default eigs-<date>[-quick])")
+    parser.add_argument("--resume", default=None, metavar="STEM",
+                        help="continue benchmarks/results/STEM.json: keep its runs, do only the missing ones "
+                             "(the same arguments otherwise)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="do not re-execute with MALLOC_MMAP_THRESHOLD_ (memory then includes glibc's cache)")
     args = parser.parse_args(argv)
@@ -465,7 +505,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(True)
     started = time.perf_counter()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = args.stem or f"eigs-{stamp}{'-quick' if args.quick else ''}"
+    stem = args.resume or args.stem or f"eigs-{stamp}{'-quick' if args.quick else ''}"
+    command = "python -m benchmarks.eigs " + " ".join(raw_argv)
+    runs: list[dict] = []
+    if args.resume:
+        import json
+
+        previous = json.loads((RESULTS / f"{stem}.json").read_text())
+        runs = previous["runs"]
+        started -= previous["total_seconds"]
+        command = f"{previous['command']} (interrupted after {len(runs)} runs, resumed: {command})"
     model, batch, label = build_workload(args.workload, args.quick)
     with torch.no_grad():
         model(input_ids=batch["input_ids"], use_cache=False)  # warm-up forward
@@ -476,8 +525,11 @@ def main(argv: list[str] | None = None) -> None:
     check_op.matvec(check_op.random_vector())  # builds the checker's kept graph (outside every run)
 
     specs = plan(args)
-    runs: list[dict] = []
-    for r, s in schedule(specs):
+    done_before = {(r["key"], r["round"]) for r in runs}
+    todo = schedule(specs)
+    for r, s in todo:
+        if (s.key, r) in done_before:
+            continue
         out, wall, peak = execute(s, model, batch, args.k, order)
         t0 = time.perf_counter()
         check = true_residuals(check_op, out.values, out.vectors)
@@ -491,10 +543,13 @@ def main(argv: list[str] | None = None) -> None:
               f"max residual {max(check['residual']):.2e}  values {np.round(sorted(out.values), 4)}", flush=True)
         del out
         gc.collect()
-        report(args, specs, runs, stem, label, check_op.dim, raw_argv, started, done=len(runs) == len(schedule(specs)))
+        report(args, specs, runs, stem, label, check_op.dim, command, started, done=len(runs) == len(todo))
+    if all((s.key, r) in done_before for r, s in todo):  # resumed a finished run: only render the tables again
+        started = time.perf_counter() - previous["total_seconds"]
+        report(args, specs, runs, stem, label, check_op.dim, previous["command"], started, done=True)
 
 
-def report(args, specs, runs, stem, label, dim, raw_argv, started, done) -> None:
+def report(args, specs, runs, stem, label, dim, command, started, done) -> None:
     """Tables of the runs so far: printed when ``done``, written to ``benchmarks/results/<stem>.*`` every time."""
     # The reference: the run of ours or scipy (both "LA") with the smallest worst residual; |lambda_max| = its top.
     best = min((r for r in runs if r["system"] != "pyhessian"), key=lambda r: max(r["residual"]))
@@ -508,7 +563,6 @@ def report(args, specs, runs, stem, label, dim, raw_argv, started, done) -> None
     frame = summarise(specs, runs, args.target)
     table = markdown(frame)
     total = time.perf_counter() - started
-    command = "python -m benchmarks.eigs " + " ".join(raw_argv)
     partial = "" if done else f" PARTIAL: {len(runs)} run(s) so far."
     head = (f"Top-{args.k} eigenpairs, {label} ({dim:,} parameters, float32, CPU, "
             f"{torch.get_num_threads()} thread(s)); |lambda_max| = {lam:.6g}; reference eigenvalues "
@@ -535,7 +589,8 @@ def report(args, specs, runs, stem, label, dim, raw_argv, started, done) -> None
                         reference_run=[best["key"], best["round"]], reference_eigenvalues=ref.tolist(),
                         total_seconds=total, summary=frame.to_dict(orient="records"), runs=runs)
     write_json(RESULTS / f"{stem}.json", record)
-    write_text(RESULTS / f"{stem}.md", head + table)
+    iterates = [pyhessian_iterates(r, args.k, lam, args.target) for r in runs if r["system"] == "pyhessian"]
+    write_text(RESULTS / f"{stem}.md", head + table + "".join("\n" + x for x in iterates if x))
     if done:
         print(f"wrote {RESULTS / stem}.csv/.json/.md", flush=True)
 
