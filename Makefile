@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 reproduce: prepare
 	@echo "== main job: the embedded model's Hessian spectrum (see README for the time it takes)"
-	$(PY) -m hess_utils reproduce
+	$(PY) -m hess_utils.harness reproduce
 
 test: prepare core-smoke
 	@echo "== tests (offline)"
@@ -63,7 +63,7 @@ test-latest: | $(UV)
 	$(LATEST)/bin/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 	@echo "== how the newest releases differ from requirements.lock (information, not a failure)"
 	-$(LATEST)/bin/python scripts/check_lock.py requirements.lock
-	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m hess_utils prepare
+	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m hess_utils.harness prepare
 	HESS_UTILS_DATA=$(CURDIR)/$(LATEST)/data $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
 # The library on its own dependencies (pyproject's [project] dependencies at the lock's versions, no harness
@@ -79,7 +79,7 @@ core-smoke: | $(UV)
 # Idempotent: each corpus, tokenizer and model is built once and checked on later runs.
 prepare: install
 	@echo "== preparing the embedded corpora and models under data/ (cached after the first run)"
-	$(PY) -m hess_utils prepare
+	$(PY) -m hess_utils.harness prepare
 
 lint: install
 	$(VENV)/bin/ruff check hess_utils tests benchmarks scripts

@@ -25,8 +25,9 @@ import torch
 from hess_utils import runs
 from hess_utils import vectors as V
 from hess_utils._io import write_json, write_text
-from hess_utils.data import load_batches
-from hess_utils.models import EMBEDDED_MODELS, load_model
+from hess_utils.batches import load_batches
+from hess_utils.harness.zoo import EMBEDDED_MODELS
+from hess_utils.models import load_model
 from hess_utils.operators.hessian import hessian_operator
 
 TARGETS = {"float32": 1e-3, "float64": 1e-7}

@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "hess_utils.models",
     "model_provenance": "hess_utils.models",
-    "load_batches": "hess_utils.data",
+    "load_batches": "hess_utils.batches",
     "hessian_operator": "hess_utils.operators.hessian",
     "HessianOperator": "hess_utils.operators.hessian",
     "as_operator": "hess_utils.operators.dense",
@@ -86,7 +86,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from hess_utils.algorithms.slq import slq
     from hess_utils.algorithms.solve import SolveResult, cg, influence, minres
     from hess_utils.algorithms.subsets import paper_subset, subset_hessian
-    from hess_utils.data import load_batches
+    from hess_utils.batches import load_batches
     from hess_utils.loss import lm_loss
     from hess_utils.models import load_model, model_provenance
     from hess_utils.operators.base import SymmetricOperator

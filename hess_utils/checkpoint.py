@@ -98,7 +98,7 @@ def _now() -> str:
 
 
 def _default_writer() -> bool:
-    from hess_utils.operators.engines.ddp import is_main_process
+    from hess_utils.distributed import is_main_process
 
     return is_main_process()
 

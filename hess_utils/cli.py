@@ -1,4 +1,7 @@
-"""Command line: ``python -m hess_utils {prepare,reproduce,spectrum,diagonal,column,eigs,solve} ...`` (``--help``).
+"""Command line: ``python -m hess_utils {spectrum,diagonal,column,eigs,solve} ...`` (``--help``).
+
+Preparing the embedded data and models and reproducing the papers are the harness's
+(``python -m hess_utils.harness {prepare,reproduce}``).
 
 ``spectrum`` runs stochastic Lanczos quadrature of the loss Hessian of a causal LM, checkpointed in a run
 folder: re-running the same command resumes an interrupted run, or returns a finished one at once.
@@ -231,16 +234,6 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="python -m hess_utils", description=__doc__, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("prepare", help="prepare the embedded corpora and models (idempotent; cached under data/)",
-                   description="Build the embedded corpora, tokenizers and models under data/ (cached).")
-    rep = sub.add_parser("reproduce", help="the main job: run every notebook headless (figures under figures/)",
-                         description="The main job: every notebook of notebooks/ in order with papermill on its "
-                                     "defaults; executed copies in figures/executed/, figures in figures/, results "
-                                     "cached in runs/notebooks (a re-run only re-plots). Stops at the first failing "
-                                     "notebook, naming it.")
-    rep.add_argument("--quick", action="store_true",
-                     help="pass quick=True to every notebook (small sizes, a smoke test); figures and executed "
-                          "copies under figures/quick/")
     spec = sub.add_parser("spectrum", help="SLQ spectrum of the loss Hessian, checkpointed; writes ritz.csv, run.json",
                           description="Stochastic Lanczos quadrature of the Hessian of a causal LM's mean token loss, "
                                       "checkpointed and resumable.", epilog=ENGINE_HELP + "\n" + RUN_HELP,
@@ -369,7 +362,7 @@ def _rank_from_env() -> int:
 
 def _say(message: str) -> None:
     """Print on rank 0 only."""
-    from hess_utils.operators.engines.ddp import is_main_process
+    from hess_utils.distributed import is_main_process
 
     if is_main_process() and _rank_from_env() == 0:
         print(message, flush=True)
@@ -463,7 +456,7 @@ def build(args: argparse.Namespace) -> Setup:
     """Load the model and batches and build the operator of ``args.engine`` (initialising torch.distributed)."""
     import torch
 
-    from hess_utils.data import load_batches
+    from hess_utils.batches import load_batches
     from hess_utils.models import load_model
 
     t0 = time.perf_counter()
@@ -611,7 +604,7 @@ def _claim_run_folder(out: Path, config: dict[str, Any], op, marker: str) -> tup
     """Refuse a folder of another run (:func:`hess_utils.checkpoint.check_run_folder`, with the operator's
     fingerprint); returns whether this process writes (rank 0) and the full configuration checked."""
     from hess_utils import checkpoint
-    from hess_utils.operators.engines.ddp import is_main_process
+    from hess_utils.distributed import is_main_process
 
     writer = is_main_process()
     full = {**config, **checkpoint.operator_fingerprint(op)}
@@ -872,22 +865,6 @@ def run_solve(args: argparse.Namespace) -> Path:
     return out
 
 
-def reproduce(quick: bool = False) -> None:
-    """The main job: every notebook under ``notebooks/``, in order, headless (:func:`hess_utils.notebooks.run_all`).
-
-    Executed copies and figures go under ``figures/`` (``figures/quick/`` with ``quick``, which passes
-    ``quick=True`` to every notebook); results are cached under ``runs/notebooks``, so a re-run only re-plots.
-
-    Raises
-    ------
-    hess_utils.notebooks.NotebookError
-        At the first failing notebook, naming it.
-    """
-    from hess_utils.notebooks import run_all
-
-    run_all(quick=quick)
-
-
 COMMANDS = {"spectrum": run_spectrum, "diagonal": run_diagonal, "column": run_column, "eigs": run_eigs,
             "solve": run_solve}
 
@@ -896,21 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad input, with ``error: ...`` on stderr)."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "prepare":
-            from hess_utils import data, models
-
-            data.prepare_all()
-            models.prepare_all()
-        elif args.command == "reproduce":
-            from hess_utils.notebooks import NotebookError
-
-            try:
-                reproduce(quick=args.quick)
-            except NotebookError as err:
-                print(f"error: {err}", file=sys.stderr, flush=True)
-                return 1
-        else:
-            COMMANDS[args.command](args)
+        COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, IndexError, NotADirectoryError, PermissionError,
             FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

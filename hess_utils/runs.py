@@ -21,6 +21,11 @@ A spectrum run folder (written by :func:`hess_utils.checkpoint.run_slq`) holds
 ``run.json``
     Provenance (model, data, seed, package versions, git commit, devices) and timings.
 
+A result folder of :func:`cached_results` (notebook tables and dense arrays such as heat maps, computed once)
+holds ``config.json`` (a re-run with other parameters is refused, each mismatch named), ``NAME.csv`` per table,
+``NAME.npy`` per array (``numpy.save``, no pickle), ``run.json`` and, written last, ``done.json`` naming the
+tables and arrays; without it the result counts as unfinished and is recomputed.
+
 All CSV floats are written with Python's shortest round-trip representation, so reading them back gives
 the same float64 bits.
 """
@@ -32,6 +37,8 @@ import json
 import math
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -305,7 +312,7 @@ def cached_tables(
     ``{name: DataFrame}`` or ``({name: DataFrame}, extra_record)``. Each table is written as ``name.csv``,
     then ``run.json`` (``record``, ``extra_record``, provenance and the compute time), then ``done.json`` last,
     each atomically, so an interrupted run is recomputed, never half-read. The tables-only case of
-    :func:`hess_utils.cached.cached_results` (which also stores arrays).
+    :func:`cached_results` (which also stores arrays).
 
     Raises
     ------
@@ -315,15 +322,77 @@ def cached_tables(
     """
     import pandas as pd
 
-    from hess_utils.cached import cached_results
-
     def tables_only() -> Any:
         out = compute()
         tables = out[0] if isinstance(out, tuple) else out
         wrong = [name for name, value in tables.items() if not isinstance(value, pd.DataFrame)]
         if wrong:
             raise ValueError(f"cached_tables stores DataFrames only; {wrong} are not (use "
-                             "hess_utils.cached.cached_results for arrays)")
+                             "hess_utils.runs.cached_results for arrays)")
         return out
 
     return cached_results(run_dir, config, tables_only, **record)
+
+
+def save_array(run_dir: str | Path, name: str, array: np.ndarray) -> Path:
+    """``run_dir/name.npy``, written atomically; object arrays are refused (they would need pickle)."""
+    array = np.asarray(array)
+    if array.dtype == object:
+        raise TypeError(f"array {name!r} has dtype object; store numbers only (or a DataFrame as a table)")
+    target = Path(run_dir) / f"{name}.npy"
+    with _io.atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    return target
+
+
+def cached_results(
+    run_dir: str | Path,
+    config: dict[str, Any],
+    compute: Callable[[], Any],
+    **record: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tables and arrays computed once and re-read afterwards: ``({name: DataFrame | ndarray}, run.json dict)``.
+
+    ``compute()`` returns ``{name: DataFrame | ndarray}`` or ``(that dict, extra_record)``. If ``run_dir``
+    holds a finished result of the same ``config``, it is read back and nothing is computed.
+
+    Raises
+    ------
+    ValueError
+        If ``run_dir`` holds a result of another configuration, or ``compute`` returns something that is
+        neither a DataFrame nor an array.
+    """
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    saved = load_config(run_dir)
+    if saved is not None and config_mismatches(saved, config):
+        details = "; ".join(f"{k}: {o!r} (saved) != {n!r} (now)" for k, o, n in config_mismatches(saved, config))
+        raise ValueError(f"{run_dir} holds a result of other parameters: {details}. Use another folder (see "
+                         "hess_utils.result_dir) or delete it to recompute")
+    done = run_dir / DONE_FILE
+    if saved is not None and done.exists():
+        names = json.loads(done.read_text(encoding="utf-8"))
+        out: dict[str, Any] = {name: pd.read_csv(run_dir / f"{name}.csv") for name in names.get("tables", [])}
+        out.update({name: np.load(run_dir / f"{name}.npy", allow_pickle=False) for name in names.get("arrays", [])})
+        return out, json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    save_config(run_dir, config)
+    start = time.perf_counter()
+    result = compute()
+    results, extra = result if isinstance(result, tuple) else (result, {})
+    seconds = time.perf_counter() - start
+    tables, arrays = [], []
+    for name, value in results.items():
+        if isinstance(value, pd.DataFrame):
+            save_table(run_dir, f"{name}.csv", value)
+            tables.append(name)
+        elif isinstance(value, np.ndarray):
+            save_array(run_dir, name, value)
+            arrays.append(name)
+        else:
+            raise ValueError(f"result {name!r} is a {type(value).__name__}; return DataFrames or numpy arrays")
+    run = provenance(**record, **extra, config=normalise_config(config), compute_seconds=seconds,
+                          tables=sorted(tables), arrays=sorted(arrays))
+    save_run_json(run_dir, run)
+    _io.write_json(done, {"tables": sorted(tables), "arrays": sorted(arrays)})
+    return dict(results), normalise_config(run)

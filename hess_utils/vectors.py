@@ -209,3 +209,18 @@ def random_like(
 def numel(x: Sequence[torch.Tensor]) -> int:
     """Total number of entries."""
     return sum(xi.numel() for xi in x)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (CUDA: the driver's count; CPU: MemAvailable), None when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None

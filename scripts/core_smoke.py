@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 HARNESS_PACKAGES = ("datasets", "gguf", "mwparserfromhell", "pyarrow", "seaborn", "papermill", "nbval")
-HARNESS_MODULES = ("hess_utils.data", "hess_utils.models", "hess_utils.tokenizer", "hess_utils.training",
-                   "hess_utils.studies", "hess_utils.notebooks", "hess_utils.ablations")
+HARNESS_PREFIX = "hess_utils.harness"
 
 
 def main() -> int:
@@ -47,7 +46,8 @@ def main() -> int:
         problems.append(f"extreme Ritz values off the dense eigenvalues: {top:.1e}, {bottom:.1e} (bound 1e-10)")
     if not np.isfinite(density.density).all() or abs(density.mass_on_grid - 1) > 1e-3:
         problems.append(f"density not finite or its mass on the grid is {density.mass_on_grid:.6f}")
-    imported = [m for m in (*HARNESS_PACKAGES, *HARNESS_MODULES) if m in sys.modules]
+    imported = [m for m in HARNESS_PACKAGES if m in sys.modules]
+    imported += sorted(m for m in sys.modules if m == HARNESS_PREFIX or m.startswith(HARNESS_PREFIX + "."))
     if imported:
         problems.append(f"the library imported {', '.join(imported)}")
     print(f"core smoke: dim {op.dim}, {len(ritz)} Ritz values, extreme ones within {max(top, bottom):.1e} of "

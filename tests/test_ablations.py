@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hess_utils import ablations
 from hess_utils.algorithms import lanczos
+from hess_utils.harness import ablations
 from hess_utils.operators import as_operator
 
 

@@ -136,7 +136,7 @@ def direct_op(_one_thread_cli):
     """The operator of EIGS_SMALL built with the public API, apart from the CLI's own loading code."""
     import torch
 
-    from hess_utils.data import load_batches
+    from hess_utils.batches import load_batches
     from hess_utils.models import load_model
     from hess_utils.operators.hessian import hessian_operator
 

@@ -1,4 +1,4 @@
-"""Tests of :mod:`hess_utils.data`: embedded offline corpora, splits, cache integrity and the batch loader.
+"""Tests of :mod:`hess_utils.harness.corpora`: embedded offline corpora, splits, cache integrity and the batch loader.
 
 Offline: ``tests/conftest.py`` sets ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1``.
 """
@@ -13,15 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hess_utils import data
-from hess_utils.data import (
-    EMBEDDED_DATASETS,
-    TEXT_DATASETS,
-    corpus_texts,
-    load_batches,
-    prepare_all,
-    prepare_corpus,
-)
+from hess_utils import batches as data
+from hess_utils.batches import corpus_texts, load_batches
+from hess_utils.harness.corpora import EMBEDDED_DATASETS, TEXT_DATASETS, prepare_all, prepare_corpus
 from hess_utils.paths import cache_dir
 
 MIN_SIZES = {  # documents, characters (both splits together)
@@ -280,7 +274,7 @@ def test_text_errors():
         prepare_corpus("nope")
     with pytest.raises(ValueError, match="no text"):
         prepare_corpus("random")
-    with pytest.raises(ValueError, match="embedded names"):
+    with pytest.raises(ValueError, match="prepared corpus .code, news, speeches, wiki"):
         corpus_texts("definitely-not-a-dataset-xyz")
 
 

@@ -98,7 +98,7 @@ RELU_KINKS = (
 
 def embedded_cases(name: str):
     """The float64 and float32 model, batches, the exact operator and the test vectors with their products."""
-    from hess_utils.data import load_batches
+    from hess_utils.batches import load_batches
     from hess_utils.models import load_model
 
     model32, tok = load_model(name, dtype=torch.float32)

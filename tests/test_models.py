@@ -14,12 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hess_utils import models
-from hess_utils.data import corpus_texts, load_batches
+from hess_utils import models, placement
+from hess_utils._io import MARKER, file_sha256, is_complete, mark_complete
+from hess_utils.batches import corpus_texts, load_batches
+from hess_utils.harness import zoo
+from hess_utils.harness.tokenizer import prepare_tokenizer
 from hess_utils.paths import data_dir
-from hess_utils.tokenizer import MARKER, file_sha256, is_complete, mark_complete, prepare_tokenizer
 
-TINY = models.TINY_MODELS
+TINY = zoo.TINY_MODELS
 
 
 def xent(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ def wiki_sample() -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", models.EMBEDDED_MODELS)
+@pytest.mark.parametrize("name", zoo.EMBEDDED_MODELS)
 def test_embedded_model_loads_ready_for_hessians(name, loaded):
     model, tok = loaded(name)
     assert not model.training and not any(m.training for m in model.modules())
@@ -77,7 +79,7 @@ def test_embedded_model_loads_ready_for_hessians(name, loaded):
     assert prov["config_class"] == type(model.config).__name__
 
 
-@pytest.mark.parametrize("name", models.EMBEDDED_MODELS)
+@pytest.mark.parametrize("name", zoo.EMBEDDED_MODELS)
 def test_tokenizer_round_trips_wiki_text(name, loaded, wiki_sample):
     _, tok = loaded(name)
     ids = tok(wiki_sample)["input_ids"]
@@ -91,7 +93,7 @@ def test_tiny_models_share_one_tokenizer(loaded):
         model, tok = loaded(name)
         assert len(tok) == model.config.vocab_size == 4096
         assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|bos|>", "<|eos|>", "<|pad|>")
-        record = json.loads((models.prepare_model(name) / "train.json").read_text())
+        record = json.loads((zoo.prepare_model(name) / "train.json").read_text())
         assert record["tokenizer_sha256"] == shared
 
 
@@ -103,7 +105,7 @@ def test_tiny_model_learned_wiki(name, loaded):
     rand = mean_xent(model, load_batches("random", tok, 128, 8, 8, split="heldout"))
     assert wiki < rand - 1.0, (wiki, rand)
     assert wiki < 7.0  # below the unigram-free baseline log(4096) = 8.3
-    record = json.loads((models.prepare_model(name) / "train.json").read_text())
+    record = json.loads((zoo.prepare_model(name) / "train.json").read_text())
     for key in ("steps", "lr", "seq_len", "batch_size", "losses", "seconds", "seed"):
         assert key in record
     assert len(record["losses"]) == record["steps"]
@@ -172,7 +174,7 @@ def test_float64_and_sdpa(loaded):
 
 
 def test_local_folder_loads(loaded):
-    folder = models.prepare_model("tiny-pythia")
+    folder = zoo.prepare_model("tiny-pythia")
     model, tok = models.load_model(str(folder))
     ref, _ = loaded("tiny-pythia")
     assert models.model_provenance(model)["source"].startswith("local folder")
@@ -187,38 +189,38 @@ def test_unknown_name_lists_embedded_models(name):
     with pytest.raises(ValueError) as info:
         models.load_model(name)
     message = str(info.value)
-    for embedded in models.EMBEDDED_MODELS:
+    for embedded in zoo.EMBEDDED_MODELS:
         assert embedded in message
     assert "hub" in message and "local folder" in message
 
 
 def test_device_map_offload_refused(loaded):
     with pytest.raises(ValueError, match="autograd"):
-        models.validate_device_map({"": "disk"})
+        placement.validate_device_map({"": "disk"})
     with pytest.raises(ValueError, match="autograd"):
-        models.validate_device_map({"model.embed_tokens": "cpu", "model.layers.0": 0, "lm_head": "disk"})
+        placement.validate_device_map({"model.embed_tokens": "cpu", "model.layers.0": 0, "lm_head": "disk"})
     with pytest.raises(ValueError, match="autograd"):
-        models.validate_device_map("meta")
-    models.validate_device_map({"": "cpu"})
-    models.validate_device_map(None)
+        placement.validate_device_map("meta")
+    placement.validate_device_map({"": "cpu"})
+    placement.validate_device_map(None)
     with pytest.raises(ValueError, match="disk"):
         models.load_model("tiny-gpt2", device_map={"": "disk"})
     # A loaded model whose hf_device_map says "disk" (as accelerate reports an offloaded module).
     model, _ = models.load_model("tiny-gpt2")
     model.hf_device_map = {"transformer": "cpu", "lm_head": "disk"}
     with pytest.raises(ValueError, match="disk"):
-        models.check_materialized(model)
+        placement.check_materialised(model)
     # A parameter left on the meta device.
     model, _ = models.load_model("tiny-gpt2")
     model.transformer.ln_f.weight = torch.nn.Parameter(torch.empty(128, device="meta"))
     with pytest.raises(ValueError, match="meta"):
-        models.check_materialized(model)
+        placement.check_materialised(model)
 
 
 def test_device_map_cpu_loads_everything(loaded):
     model, _ = models.load_model("tiny-gpt2", device_map="cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
-    models.check_materialized(model)
+    placement.check_materialised(model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,8 +264,8 @@ def test_corrupted_caches_are_rebuilt(tmp_path, monkeypatch):
     for part in ("corpora/wiki", "corpora/news", "tokenizers/bpe4096"):
         shutil.copytree(root / part, tmp_path / part)
     monkeypatch.setenv("HESS_UTILS_DATA", str(tmp_path))
-    monkeypatch.setitem(models.TRAIN_RECIPE, "steps", 4)
-    monkeypatch.setitem(models.TRAIN_RECIPE, "warmup_steps", 2)
+    monkeypatch.setitem(zoo.TRAIN_RECIPE, "steps", 4)
+    monkeypatch.setitem(zoo.TRAIN_RECIPE, "warmup_steps", 2)
 
     # Tokenizer: deleted file -> rebuilt, identical.
     tok_dir = prepare_tokenizer()
@@ -272,7 +274,7 @@ def test_corrupted_caches_are_rebuilt(tmp_path, monkeypatch):
     assert prepare_tokenizer() == tok_dir
     assert file_sha256(tok_dir / "tokenizer.json") == tok_ref
 
-    folder = models.prepare_model("tiny-opt")
+    folder = zoo.prepare_model("tiny-opt")
     assert folder.is_relative_to(tmp_path)
     weights = folder / "model.safetensors"
     ref = file_sha256(weights)
@@ -281,16 +283,16 @@ def test_corrupted_caches_are_rebuilt(tmp_path, monkeypatch):
     with open(weights, "r+b") as f:  # truncated
         f.truncate(weights.stat().st_size // 2)
     assert not is_complete(folder, None)
-    models.prepare_model("tiny-opt")
+    zoo.prepare_model("tiny-opt")
     assert file_sha256(weights) == ref and is_complete(folder, None, full=True)
 
     weights.unlink()  # deleted
-    models.prepare_model("tiny-opt")
+    zoo.prepare_model("tiny-opt")
     assert file_sha256(weights) == ref
 
     (folder / MARKER).unlink()  # half-written (no marker)
     before = weights.stat().st_mtime_ns
-    models.prepare_model("tiny-opt")
+    zoo.prepare_model("tiny-opt")
     assert weights.stat().st_mtime_ns != before and file_sha256(weights) == ref
 
     model, _ = models.load_model("tiny-opt")
@@ -300,7 +302,7 @@ def test_corrupted_caches_are_rebuilt(tmp_path, monkeypatch):
 
 def test_prepare_model_rejects_unknown():
     with pytest.raises(ValueError, match="tiny-gpt2"):
-        models.prepare_model("tiny-bert")
+        zoo.prepare_model("tiny-bert")
 
 
 def test_own_xent_matches_library():
@@ -308,4 +310,27 @@ def test_own_xent_matches_library():
     ids = torch.randint(0, 7, (2, 5), generator=torch.Generator().manual_seed(2))
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, 7), ids[:, 1:].reshape(-1))
     assert torch.allclose(xent(logits, ids).float(), ref)
-    assert torch.allclose(models.next_token_loss(logits, ids), ref)
+    from hess_utils.loss import cross_entropy_sum
+
+    library = cross_entropy_sum(logits[:, :-1].reshape(-1, 7), ids[:, 1:].reshape(-1)) / ids[:, 1:].numel()
+    assert torch.allclose(library, ref)
+
+
+def test_weights_only_folder_needs_a_tokenizer(loaded, tmp_path):
+    """A save_pretrained folder without tokenizer files: a clear error naming tokenizer=, then it loads with one."""
+    model, tok = loaded("tiny-gpt2")
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(str(folder))
+    with pytest.raises(ValueError, match="tokenizer=") as info:
+        models.load_model(folder)
+    assert str(folder) in str(info.value)
+    again, none = models.load_model(folder, tokenizer=False)
+    assert none is None
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), again.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    _, tok2 = models.load_model(str(folder), tokenizer=str(zoo.prepare_model("tiny-gpt2")))
+    text = "The Hessian of the loss."
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"]
+    assert models.model_provenance(again)["source"].startswith("local folder")
+    with pytest.raises(ValueError, match="config.json"):
+        models.load_model(tmp_path)

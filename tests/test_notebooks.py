@@ -8,7 +8,7 @@ import nbformat
 import papermill
 import pytest
 
-from hess_utils import notebooks
+from hess_utils.harness import notebooks
 from hess_utils.paths import repo_root
 
 REQUIRED = {"quick", "model_name", "data_name", "seed", "out_dir", "figures_dir"}

@@ -1,4 +1,4 @@
-"""The measurements behind notebooks 05-09 (hess_utils.studies, hess_utils.cached): numbers, not just shapes."""
+"""The measurements behind notebooks 05-09 (hess_utils.harness.studies, hess_utils.runs): numbers, not just shapes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from hess_utils import studies
 from hess_utils.algorithms.subsets import subset_hessian
-from hess_utils.cached import cached_results
+from hess_utils.harness import studies
 from hess_utils.operators.dense import as_operator
 from hess_utils.operators.hessian import hessian_operator
+from hess_utils.runs import cached_results
 from tests.tiny import tiny_batches, tiny_model
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from hess_utils.harness.training import TrainingHistory, continue_training
 from hess_utils.loss import lm_loss
-from hess_utils.training import TrainingHistory, continue_training
 from tests.tiny import tiny_batches, tiny_model
 
 

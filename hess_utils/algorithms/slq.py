@@ -36,6 +36,7 @@ from hess_utils.algorithms.lanczos import (
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
 from hess_utils.progress import progress_bar
+from hess_utils.vectors import free_memory
 
 
 @dataclass(frozen=True)
@@ -230,11 +231,7 @@ def slq(
 def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: str) -> int:
     """Default ``probes_at_once``: all probes when the operator batches on an accelerator and their bases
     fit, else 1 (the batched double backward loses to one product after the other on a CPU)."""
-    if num_probes == 1 or type(op).matmat is SymmetricOperator.matmat:
-        return 1
-    if getattr(op, "method", "rev-rev") != "rev-rev":
-        return 1
-    if all(torch.device(d).type == "cpu" for d in op.devices):
+    if num_probes == 1 or not op.batched_matmat:
         return 1
     if reorth == "none":
         return num_probes
@@ -242,9 +239,7 @@ def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: 
         int(np.prod(s)) * torch.empty((), dtype=d).element_size() for s, d in zip(op.shapes, op.dtypes)
     )
     device = torch.device("cpu") if reorth == "offload" else torch.device(op.devices[0])
-    from hess_utils.operators.hessian import _free_memory
-
-    free = _free_memory(device)
+    free = free_memory(device)
     if free is None:
         return 1
     return max(1, min(num_probes, int(0.5 * free // max(bytes_per_basis, 1))))

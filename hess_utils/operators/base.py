@@ -32,12 +32,17 @@ class SymmetricOperator(ABC):
         Shape of each block.
     dtypes, devices : list
         dtype and device of each block.
+    batched_matmat : bool
+        Whether :meth:`matmat` of ``k`` vectors costs less than ``k`` products one after the other (False
+        here: the default :meth:`matmat` is that loop); algorithms use it to decide whether to run probes
+        together.
     """
 
     param_names: list[str]
     shapes: list[torch.Size]
     dtypes: list[torch.dtype]
     devices: list[torch.device]
+    batched_matmat: bool = False
 
     @property
     def dim(self) -> int:

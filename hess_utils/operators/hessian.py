@@ -391,6 +391,13 @@ class HessianOperator(SymmetricOperator):
         self.num_matvecs += 1
         return out
 
+    @property
+    def batched_matmat(self) -> bool:
+        """True for exact products on an accelerator: one batched double backward for all vectors (on a CPU
+        it loses to one product after the other, measured)."""
+        return (self.method == "rev-rev" and self._batched_ok
+                and not all(torch.device(d).type == "cpu" for d in self.devices))
+
     def matmat(self, vectors: Sequence[Sequence[torch.Tensor]]) -> list[TensorList]:
         """``[H v for v in vectors]``; with ``"rev-rev"`` one double backward per batch for all of them.
 
@@ -468,7 +475,7 @@ class HessianOperator(SymmetricOperator):
     def _graph_fits(self, index: int) -> bool:
         """``keep_graph="auto"``: keep this graph only if twice its size stays free; else stop keeping."""
         need = 2 * (self.graph_bytes or 0)
-        free = _free_memory(self.devices[0])
+        free = V.free_memory(self.devices[0])
         if free is None or free >= need:
             return True
         self._stop_keeping(
@@ -856,21 +863,6 @@ def _fast_norm(x: Sequence[torch.Tensor]) -> float:
     home = x[0].device
     parts = torch.stack([torch.linalg.vector_norm(b).to(home, torch.float64) for b in x])
     return float(torch.linalg.vector_norm(parts))
-
-
-def _free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` (CUDA: the driver's count; CPU: MemAvailable), None when unknown."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        if device.type == "cpu":
-            with open("/proc/meminfo") as fh:
-                for line in fh:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        return None
-    return None
 
 
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):

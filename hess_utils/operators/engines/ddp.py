@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from hess_utils import loss as L
+from hess_utils.distributed import is_main_process  # noqa: F401 - re-exported for callers of the engine
 from hess_utils.operators.hessian import HessianOperator
-from hess_utils.operators.selection import ParamSelector
 from hess_utils.vectors import TensorList
-
-
-def is_main_process() -> bool:
-    """True on rank 0, or when torch.distributed is not initialised."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def shard_batches(batches: Sequence[L.Batch], rank: int, world_size: int) -> list[L.Batch]:
@@ -53,29 +49,20 @@ def all_reduce_blocks(blocks: TensorList, group=None) -> TensorList:
 class DataParallelHessianOperator(HessianOperator):
     """:class:`HessianOperator` over the batches of all ranks (module docstring).
 
-    Pass the *same* full list of batches on every rank; each rank keeps its own share.
+    Pass the *same* full list of batches on every rank; each rank keeps its own share. ``options`` are the
+    keywords of :class:`HessianOperator` (``params``, ``method``, ``reduction``, ``fd_eps``, ``fd_mode``,
+    ``keep_graph``, ``progress``: shown on rank 0 only); ``group`` the process group (default: the world).
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        batches: Iterable[L.Batch],
-        params: ParamSelector = None,
-        method: str = "auto",
-        reduction: str = "mean",
-        fd_eps: float | None = None,
-        keep_graph: bool | str = "auto",
-        progress: bool = False,
-        group=None,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, batches: Iterable[L.Batch], *, group=None, **options: Any) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("torch.distributed is not initialised: launch with torchrun, or use HessianOperator")
         self.group = group
         self._sharded = False
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         all_batches = list(batches)
-        super().__init__(model, all_batches, params=params, method=method, reduction=reduction, fd_eps=fd_eps,
-                         keep_graph=keep_graph, progress=progress and self.rank == 0)
+        options["progress"] = bool(options.get("progress", False)) and self.rank == 0
+        super().__init__(model, all_batches, **options)
         self.batches = shard_batches(all_batches, self.rank, self.world_size)
         self.passes_per_rank = -(-len(all_batches) // self.world_size)  # ceil: the busiest rank's count
         self._spare_batch = all_batches[0]

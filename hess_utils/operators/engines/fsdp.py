@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,6 @@ import torch.distributed as dist
 from hess_utils import loss as L
 from hess_utils.operators.engines.ddp import DataParallelHessianOperator
 from hess_utils.operators.hessian import abs_dot, fd_step_size
-from hess_utils.operators.selection import ParamSelector
 from hess_utils.vectors import TensorList
 
 
@@ -36,18 +36,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class FSDPHessianOperator(DataParallelHessianOperator):
     """Finite-difference ``H v`` for a model sharded with ``fully_shard`` (module docstring)."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        batches: Iterable[L.Batch],
-        params: ParamSelector = None,
-        reduction: str = "mean",
-        fd_eps: float | None = None,
-        progress: bool = False,
-        group=None,
-    ) -> None:
-        super().__init__(model, batches, params=params, method="fd", reduction=reduction, fd_eps=fd_eps,
-                         progress=progress, group=group)
+    def __init__(self, model: torch.nn.Module, batches: Iterable[L.Batch], *, group=None, **options: Any) -> None:
+        """``options``: the keywords of :class:`HessianOperator`; ``method`` can only be ``"fd"`` (the default
+        here): a sharded model's parameters are gathered per forward, so they are no leaves of a graph that
+        double backward or forward mode could differentiate."""
+        method = options.setdefault("method", "fd")
+        if method != "fd":
+            raise ValueError(f"FSDPHessianOperator computes finite-difference products only (method='fd'), got "
+                             f"method={method!r}: use DataParallelHessianOperator for exact products of an unsharded "
+                             "model")
+        super().__init__(model, batches, group=group, **options)
         self.devices = [_local(p).device for p in self.params]
 
     def _reduce(self, local: TensorList) -> TensorList:

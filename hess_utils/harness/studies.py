@@ -646,7 +646,7 @@ def scaling_study(
     ----------
     configs
         ``{label: transformers config}``, e.g. widths of one family from
-        :func:`hess_utils.models.tiny_config`. Costs do not depend on the weights' values.
+        :func:`hess_utils.harness.zoo.tiny_config`. Costs do not depend on the weights' values.
     batches
         Token batches valid for every config (same vocabulary).
 

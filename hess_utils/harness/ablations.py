@@ -53,7 +53,7 @@ def spectrum_run(
 ) -> Path:
     """SLQ of the loss Hessian of ``model`` on ``num_sequences x seq_len`` tokens of ``data``, in ``run_dir``.
 
-    The batches are :func:`hess_utils.data.load_batches` ``(data, tokenizer, seq_len, num_sequences, batch_size,
+    The batches are :func:`hess_utils.batches.load_batches` ``(data, tokenizer, seq_len, num_sequences, batch_size,
     split, seed)``; the operator is :func:`hess_utils.operators.hessian.hessian_operator` (``params``, ``method``,
     ``keep_graph``: each product after the first costs one backward pass per batch); the run is
     :func:`hess_utils.checkpoint.run_slq` with ``num_iters`` Lanczos steps per probe, probe ``p`` starting from
@@ -68,7 +68,7 @@ def spectrum_run(
         ``run_dir``.
     """
     from hess_utils import checkpoint
-    from hess_utils.data import load_batches
+    from hess_utils.batches import load_batches
     from hess_utils.models import model_provenance
     from hess_utils.operators.hessian import hessian_operator
 

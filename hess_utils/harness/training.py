@@ -1,8 +1,9 @@
-"""A short, deterministic continuation of a model's training (the HessFormer device_map ablation, section 3.1).
+"""The harness's one training loop: pretraining of the tiny embedded models, continued training (the HessFormer
+device_map ablation, section 3.1) and the checkpoints of the sharpness-along-training study.
 
-:func:`continue_training` takes a loaded causal LM and runs ``steps`` AdamW updates on the mean token loss of
+:func:`continue_training` takes a causal LM and runs ``steps`` AdamW updates on the mean token loss of
 :mod:`hess_utils.loss`, cycling through ``train_batches``; every ``eval_every`` steps it evaluates the loss on
-``val_batches``. Step ``t = 1..steps`` uses batch ``B_t = train_batches[(t - 1) mod len(train_batches)]`` and
+``val_batches`` (if given). Step ``t = 1..steps`` uses batch ``B_t = train_batches[(t - 1) mod len(train_batches)]`` and
 
 .. math::
 
@@ -10,7 +11,12 @@
     \\text{ when } c \\text{ is given)}, \\qquad w_t = \\operatorname{AdamW}(w_{t-1}, g_t; \\eta, \\beta_1, \\beta_2,
     \\lambda),
 
-where :math:`L` is the token-weighted mean cross-entropy (:func:`hess_utils.loss.lm_loss`). The recorded training
+where :math:`L` is the token-weighted mean cross-entropy (:func:`hess_utils.loss.lm_loss`). The learning rate
+of step ``t`` is :math:`\\eta f(t - 1)` with :math:`f(s) = (s + 1) / W` for ``s < W`` (``warmup_steps``) and a
+cosine from 1 down to ``min_lr_ratio`` over the remaining steps (:math:`f = 1` throughout with the defaults
+``W = 0``, ``min_lr_ratio = 1``). Weight decay applies to every parameter, or with ``decay_matrices_only`` to
+those of two or more dimensions (biases and norms undecayed). ``callback(step, model)`` runs after each update
+(e.g. to save checkpoints). The recorded training
 loss of step ``t`` is :math:`\\ell_t` (before the update); the validation loss of step ``t`` is
 :math:`L(w_t; \\text{val})`, and step 0 records :math:`L(w_0; \\text{val})`.
 
@@ -28,7 +34,7 @@ trains both ways; that is the point of the ablation.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +90,8 @@ class TrainingHistory:
 def _check_inputs(train_batches, val_batches, steps, lr, eval_every, weight_decay, grad_clip) -> None:
     if not train_batches:
         raise ValueError("train_batches is empty: pass a list of {'input_ids': ...} dicts (see load_batches)")
-    if not val_batches:
-        raise ValueError("val_batches is empty: pass at least one batch to evaluate the validation loss on")
+    if val_batches is not None and not val_batches:
+        raise ValueError("val_batches is empty: pass at least one batch to evaluate the validation loss on, or None")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
@@ -110,6 +116,11 @@ def continue_training(
     betas: tuple[float, float] = (0.9, 0.95),
     grad_clip: float | None = 1.0,
     progress: bool = True,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 1.0,
+    decay_matrices_only: bool = False,
+    callback: Callable[[int, torch.nn.Module], None] | None = None,
+    desc: str = "training",
 ) -> TrainingHistory:
     """Train ``model`` in place for ``steps`` AdamW steps (module docstring) and return the losses.
 
@@ -120,8 +131,8 @@ def continue_training(
         It is trained and left in eval mode (dropout off); only parameters with ``requires_grad`` are updated.
     train_batches : list of dict
         Dicts with ``input_ids`` ``(b, s)``; step ``t`` uses entry ``(t - 1) % len(train_batches)``.
-    val_batches : list of dict
-        The validation batches; their token-weighted mean loss is recorded.
+    val_batches : list of dict or None
+        The validation batches; their token-weighted mean loss is recorded (None: no validation).
     steps : int
         Number of updates ``S`` (at least 1).
     lr : float
@@ -138,6 +149,14 @@ def continue_training(
         Clip the global gradient norm to this value; None: no clipping.
     progress : bool
         Show a progress bar.
+    warmup_steps, min_lr_ratio : int, float
+        The learning-rate schedule of the module docstring (constant by default).
+    decay_matrices_only : bool
+        Decay only parameters of two or more dimensions.
+    callback : callable or None
+        ``callback(step, model)`` after the update of each step ``1..S``.
+    desc : str
+        The progress bar's label.
 
     Returns
     -------
@@ -150,16 +169,31 @@ def continue_training(
         parameter, or a non-finite loss (diverged: lower ``lr``).
     """
     _check_inputs(train_batches, val_batches, steps, lr, eval_every, weight_decay, grad_clip)
-    train_batches, val_batches = list(train_batches), list(val_batches)
+    train_batches = list(train_batches)
+    val_batches = None if val_batches is None else list(val_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameter of the model requires grad: nothing to train")
-    optimizer = torch.optim.AdamW(params, lr=float(lr), betas=tuple(betas), weight_decay=float(weight_decay))
+    if decay_matrices_only:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": float(weight_decay)},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": params, "weight_decay": float(weight_decay)}]
+    optimizer = torch.optim.AdamW(groups, lr=float(lr), betas=tuple(betas))
+
+    def lr_factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        frac = (s - warmup_steps) / max(1, steps - warmup_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
     train_loss: list[float] = []
     val_steps: list[int] = []
     val_loss: list[float] = []
 
     def evaluate(step: int) -> None:
+        if val_batches is None:
+            return
         with torch.no_grad():
             val_loss.append(float(L.lm_loss(model, val_batches)))
         val_steps.append(step)
@@ -170,8 +204,10 @@ def continue_training(
         model.eval()
         try:
             evaluate(0)
-            bar = progress_bar(range(1, steps + 1), desc="training", disable=not progress, leave=False)
+            bar = progress_bar(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
             for step in bar:
+                for group in optimizer.param_groups:
+                    group["lr"] = float(lr) * lr_factor(step - 1)
                 batch = train_batches[(step - 1) % len(train_batches)]
                 loss = L.lm_loss(model, [batch])
                 value = float(loss.detach())
@@ -186,7 +222,9 @@ def continue_training(
                 train_loss.append(value)
                 if step % eval_every == 0 or step == steps:
                     evaluate(step)
-                set_postfix(bar, loss=f"{value:.4f}", val=f"{val_loss[-1]:.4f}")
+                if callback is not None:
+                    callback(step, model)
+                set_postfix(bar, loss=f"{value:.4f}", **({"val": f"{val_loss[-1]:.4f}"} if val_loss else {}))
             bar.close()
         finally:
             optimizer.zero_grad(set_to_none=True)
