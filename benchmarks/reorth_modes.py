@@ -16,7 +16,9 @@ Per mode it prints the mean time of the product and of the rest of the step (:fu
 with ``--repeats``, the least over that many runs, each timing being noisy on a shared machine),
 the time of :func:`lanczos_finish` (which measures ``max |Q^T Q - I|`` from the basis), the number of
 re-orthogonalised steps of ``"partial"``, the measured orthogonality, and the largest relative
-difference of the top five Ritz values from those of ``"full"``.
+difference of the top five Ritz values from those of ``"full"``, and the Wasserstein-1 distance of the
+run's spectral measure (Ritz values, weights) to that of ``"full"``, relative to the spectral width.
+``--out PATH`` also writes the table as CSV (``PATH.csv``) and markdown (``PATH.md``).
 
 ``--rounding 1`` runs ``"partial"`` with the rounding level :math:`\\varepsilon_1 = \\varepsilon` instead of
 :func:`~hess_utils.algorithms.lanczos.omega_rounding`'s :math:`\\varepsilon \\sqrt{n}`: an experiment on how
@@ -30,10 +32,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import sys
 import time
 
 import numpy as np
 import torch
+from scipy.stats import wasserstein_distance
 
 from hess_utils.algorithms._products import owned_matvec
 from hess_utils.operators.base import SymmetricOperator
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch CPU threads (default: torch's); 1 on a shared machine, where idle OpenMP "
                              "threads waiting for busy cores make small operations hundreds of times slower")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode; the least times are printed")
+    parser.add_argument("--hvp-ms", type=float, default=415.0,
+                        help="product time the overhead is compared with: the gpt2-5m float32 HVP of "
+                             "benchmarks/RESULTS.md (1.94 x 0.214 s)")
+    parser.add_argument("--out", default=None, help="write PATH.csv and PATH.md with the table")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -128,20 +136,49 @@ def main(argv: list[str] | None = None) -> None:
         for key in ("product_ms", "advance_ms", "finish_s"):
             best[key] = min(r[key] for r in runs)
         rows.append(best)
-    top_full = next((r["result"].ritz_values[-5:] for r in rows if r["mode"] == "full"), None)
+    full = next((r["result"] for r in rows if r["mode"] == "full"), None)
+    top_full = None if full is None else full.ritz_values[-5:]
     scale = float(diagonal.abs().max())
-    print(f"{'mode':<8} {'product ms':>10} {'rest ms/step':>12} {'finish s':>9} {'reorth steps':>12} "
-          f"{'max|QtQ-I|':>10} {'max omega':>9} {'top-5 Ritz vs full':>18}")
+    width = float(diagonal.max() - diagonal.min())
+    header = (f"{'mode':<8} {'product ms':>10} {'rest ms/step':>12} {'rest/HVP':>12} {'finish s':>9} "
+              f"{'reorth steps':>12} {'max|QtQ-I|':>10} {'max omega':>9} {'top Ritz':>12} {'top-5 vs full':>13} "
+              f"{'W1/width':>9}")
+    print(header)
+    table = []
     for r in rows:
         res = r["result"]
-        steps = f"{res.num_reorth_steps}/{res.num_iters}" if res.reorth == "partial" else "-"
+        steps = f"{res.num_reorth_steps}/{res.num_iters}" if res.reorth == "partial" else (
+            f"{res.num_iters}/{res.num_iters}" if res.reorth in ("full", "offload") else "0")
         omega = f"{res.max_omega:.1e}" if res.max_omega is not None else "-"
         diff = "-" if top_full is None else f"{np.abs(res.ritz_values[-5:] - top_full).max() / scale:.1e}"
-        print(f"{r['mode']:<8} {r['product_ms']:>10.2f} {r['advance_ms']:>12.2f} {r['finish_s']:>9.2f} "
-              f"{steps:>12} {res.orthogonality_loss:>10.1e} {omega:>9} {diff:>18}")
+        w1_value = (None if full is None else
+                    wasserstein_distance(res.ritz_values, full.ritz_values, res.ritz_weights, full.ritz_weights))
+        w1 = "-" if w1_value is None else f"{w1_value / width:.1e}"
+        row = dict(mode=r["mode"], n=args.dim, dtype=args.dtype, iters=res.num_iters, products=res.num_iters,
+                   product_ms=r["product_ms"], rest_ms_per_step=r["advance_ms"],
+                   rest_over_gpt2_hvp=r["advance_ms"] / args.hvp_ms, finish_s=r["finish_s"], reorth_steps=steps,
+                   orthogonality=res.orthogonality_loss, max_omega=omega, top_ritz=float(res.ritz_values[-1]),
+                   top5_vs_full=diff, w1_over_width=w1)
+        table.append(row)
+        print(f"{r['mode']:<8} {r['product_ms']:>10.2f} {r['advance_ms']:>12.2f} {row['rest_over_gpt2_hvp']:>12.3f} "
+              f"{r['finish_s']:>9.2f} {steps:>12} {res.orthogonality_loss:>10.1e} {omega:>9} "
+              f"{row['top_ritz']:>12.6f} {diff:>13} {w1:>9}")
         if res.reorth == "partial":
             print(f"         re-orthogonalised at {list(res.reorth_steps)}")
+    if args.out:
+        import csv
 
+        with open(f"{args.out}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        with open(f"{args.out}.md", "w") as fh:
+            fh.write(f"`python -m benchmarks.reorth_modes {' '.join(argv if argv is not None else sys.argv[1:])}`"
+                     f" ({torch.get_num_threads()} thread(s)); diag operator, spectrum {args.spectrum!r}.\n\n")
+            fh.write("| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n")
+            for row in table:
+                fh.write("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values())
+                         + " |\n")
 
 if __name__ == "__main__":
     main()

@@ -60,6 +60,14 @@ CUSTOM_START = "custom"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _HALF_CHUNK = 1 << 22
 
+# Float32 reductions over millions of entries are not accurate to eps when a few entries dominate (the
+# Lanczos vectors of an outlier-dominated spectrum): every later addition rounds at the level of the big
+# partial sum, and MKL's sgemv lost 330 eps relative to ||w|| on the 5e6-entry benchmark vectors (the full
+# basis then was only 5e-5 orthogonal). Reductions of float32 vectors on the CPU therefore sum chunks of
+# this many entries in the vector dtype and add the chunk sums in float64 (2.4 eps there), at the cost of a
+# plain float32 product (a float64 conversion costs 4-6 x more on one core).
+_ACC_CHUNK = 1 << 14
+
 
 # ---------------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
@@ -158,24 +166,28 @@ class LanczosResult:
 
 
 def omega_rounding(unit_roundoff: float, dim: int) -> float:
-    """The rounding level :math:`\\varepsilon_1 = \\varepsilon \\sqrt{n}` of Simon's recurrence.
+    """The rounding level :math:`\\varepsilon_1 = \\varepsilon \\sqrt{\\min(n, c)}` of Simon's recurrence.
 
     The relative size of the rounding error :math:`f_i` of one Lanczos step (:class:`OmegaEstimates`)
     in Simon's analysis: a product sums ``n`` terms per entry, whose independent roundings grow like
     :math:`\\sqrt{n}`. It is also the level to which a re-orthogonalised vector's estimates are reset.
 
-    Here :math:`\\alpha` and :math:`\\beta` accumulate in float64, but the re-orthogonalisation coefficients
-    :math:`Q^\\top w` are matrix products in the basis dtype, whose float32 sums over ``n`` entries err by
-    up to about :math:`\\varepsilon \\sqrt{n}` when a few entries dominate: ``"full"`` itself keeps a float32
-    basis of an LM-like spectrum only that orthogonal (:math:`\\max |Q^\\top Q - I| = 1.7 \\cdot 10^{-4}` at
-    ``n = 5e6``, ``benchmarks/reorth_modes.py``). With :math:`\\varepsilon` alone the estimates fell below the
-    measured loss there (6.5e-5 against 3.2e-4) and the top Ritz values moved by 7e-6 relative.
+    Here no reduction of the step sums more than ``c =`` :data:`_ACC_CHUNK` (16384) entries in the vector
+    dtype: :math:`\\alpha`, :math:`\\beta` and the re-orthogonalisation coefficients :math:`Q^\\top w` add
+    float32 chunk sums in float64 (:func:`_fast_dot`, :func:`_chunked_rows_dot`). Before that, the
+    coefficients were float32 matrix products over all ``n`` entries, which lost up to 330 eps relative
+    to :math:`\\lVert w \\rVert` at ``n = 5e6`` (``benchmarks/reorth_modes.py``: ``"full"`` kept the basis
+    only 5e-5 orthogonal), and :math:`\\varepsilon \\sqrt{n}` had to cover that; in float32 it passed
+    :math:`\\sqrt{\\varepsilon} / 2` once ``n > 2.1e6``, and every step re-orthogonalised. The operator's own
+    product is assumed no less accurate than such a reduction (a Hessian-vector product's sums run over
+    tokens and hidden units, not over ``n``).
 
-    The price is paid in float32 at large ``n``: once :math:`\\varepsilon \\sqrt{n} > \\sqrt{\\varepsilon} / 2`,
-    i.e. ``n > 1 / (4 eps)`` (2.1e6 in float32, 1.1e15 in float64), one step from the reset level already
-    crosses the threshold and every step re-orthogonalises: ``"partial"`` then costs what ``"full"`` costs.
+    Even so, on outlier-dominated spectra (LM Hessians) the loss along a converged outlier grows by about
+    :math:`|\\lambda - \\alpha_j| / \\beta_j` per step (80 on the benchmark spectrum), so from any reset level
+    it crosses :math:`\\sqrt{\\varepsilon}` within one or two steps and ``"partial"`` still re-orthogonalises
+    most steps (76 of 80 at ``n = 1e6`` in float32; ``benchmarks/RESULTS.md``).
     """
-    return unit_roundoff * math.sqrt(dim)
+    return unit_roundoff * math.sqrt(min(dim, _ACC_CHUNK))
 
 
 @dataclass
@@ -429,11 +441,51 @@ def _store_row(basis: list[torch.Tensor], row: int, q: TensorList) -> None:
 def _rows_dot(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``rows @ w`` as float64, ``rows: (k, n)``, ``w: (n,)`` on the same device."""
     if rows.dtype not in _HALF_DTYPES:
-        return (rows @ w).to(torch.float64)
+        return _chunked_rows_dot(rows, w)
     out = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
     for s in range(0, rows.shape[1], _HALF_CHUNK):
         out += rows[:, s : s + _HALF_CHUNK].float() @ w[s : s + _HALF_CHUNK].float()
     return out.to(torch.float64)
+
+
+def _chunked_rows_dot(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``rows @ w`` (float32 or float64) as float64: chunks of :data:`_ACC_CHUNK` columns, chunk sums in float64."""
+    n = rows.shape[1]
+    if rows.dtype == torch.float64 or n <= _ACC_CHUNK:
+        return (rows @ w).to(torch.float64)
+    out = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    for s in range(0, n, _ACC_CHUNK):
+        out += rows[:, s : s + _ACC_CHUNK] @ w[s : s + _ACC_CHUNK]
+    return out
+
+
+def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """``sum_i <a_i, b_i>`` as a Python float, for the alphas and betas of a step.
+
+    CPU float32 blocks longer than :data:`_ACC_CHUNK`: float32 dots of chunks summed in float64 (one pass,
+    2.3 ms for 5e6 entries on one core against 8.5 ms for :func:`~hess_utils.vectors.dot`'s float64
+    conversion; accurate to a few eps of ``sum |a_i b_i|``). Other blocks: :func:`~hess_utils.vectors.dot`.
+    """
+    total = 0.0
+    rest_a, rest_b = [], []
+    for x, y in zip(a, b, strict=True):
+        if (x.device.type == "cpu" and x.dtype == y.dtype == torch.float32 and y.device == x.device
+                and x.numel() > _ACC_CHUNK):
+            x, y = x.reshape(-1), y.reshape(-1)
+            part = torch.zeros((), dtype=torch.float64)
+            for s in range(0, x.numel(), _ACC_CHUNK):
+                part += torch.dot(x[s : s + _ACC_CHUNK], y[s : s + _ACC_CHUNK])
+            total += float(part)
+        else:
+            rest_a.append(x)
+            rest_b.append(y)
+    if rest_a:
+        total += V.dot(rest_a, rest_b)
+    return total
+
+
+def _fast_norm(a: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(max(_fast_dot(a, a), 0.0))
 
 
 def _rows_combination(coeffs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -480,7 +532,7 @@ def _column_shares(basis: list[torch.Tensor], w: TensorList) -> list[list[tuple[
 def _share_coefficients(basis, w, k: int, share) -> torch.Tensor:
     total = torch.zeros(k, dtype=torch.float64)
     for i, start, stop in share:
-        total += (basis[i][:k, start:stop] @ w[i].view(-1)[start:stop]).to(torch.float64)
+        total += _chunked_rows_dot(basis[i][:k, start:stop], w[i].view(-1)[start:stop])
     return total
 
 
@@ -540,12 +592,12 @@ def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int) -> float
     """
     coeffs = _basis_coefficients(basis, w, k)
     _subtract_projection_(w, basis, coeffs, k)
-    size = V.norm(w)
+    size = _fast_norm(w)
     removed = float(coeffs @ coeffs)
     if not (size * size >= removed):  # also when non-finite: let the caller's check report it
         coeffs = _basis_coefficients(basis, w, k)
         _subtract_projection_(w, basis, coeffs, k)
-        size = V.norm(w)
+        size = _fast_norm(w)
     return size
 
 
@@ -558,7 +610,14 @@ def _orthogonality_loss(basis: list[torch.Tensor] | None, k: int) -> float:
         rows = Qb[:k]
         if rows.dtype in _HALF_DTYPES:
             rows = rows.float()
-        gram += (rows @ rows.T).to("cpu", torch.float64)
+        # Chunks of columns summed in float64, as the coefficients (_chunked_rows_dot): a float32 Gram
+        # matrix of 5e6 columns would measure its own rounding.
+        chunk = rows.shape[1] if rows.dtype == torch.float64 else _ACC_CHUNK
+        part = torch.zeros((k, k), dtype=torch.float64, device=rows.device)
+        for s in range(0, rows.shape[1], chunk):
+            block = rows[:, s : s + chunk]
+            part += block @ block.T
+        gram += part.to("cpu")
     gram.fill_diagonal_(0.0)
     return float(gram.abs().max())
 
@@ -607,7 +666,7 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
     # step of "full" costs, and a step without re-orthogonalisation what a step of "none" costs.
     reorthogonalise = est.pending
     if not reorthogonalise:
-        beta = V.norm(w)
+        beta = _fast_norm(w)
         reorthogonalise = est.exceeds(est.next_row(alphas, state.betas, beta))
     if reorthogonalise:
         beta = _reorthogonalise_(w, state.basis, j)
@@ -687,7 +746,7 @@ def lanczos_advance(state: LanczosState, w: TensorList) -> LanczosState:
     j = state.iteration + 1  # 1-based number of this iteration
     if state.q_prev is not None:
         V.axpy_(-state.betas[-1], state.q_prev, w)
-    alpha = V.dot(state.q, w)
+    alpha = _fast_dot(state.q, w)
     # Any inf/NaN entry of w makes q.w non-finite (0 * inf = NaN), so this one check covers H q.
     if not math.isfinite(alpha):
         raise ValueError(
@@ -700,7 +759,7 @@ def lanczos_advance(state: LanczosState, w: TensorList) -> LanczosState:
     elif state.basis is not None:
         beta = _reorthogonalise_(w, state.basis, j)
     else:
-        beta = V.norm(w)
+        beta = _fast_norm(w)
     if not math.isfinite(beta):
         raise ValueError(f"the operator returned non-finite values at Lanczos iteration {j}")
     state.alphas.append(alpha)
