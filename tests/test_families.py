@@ -9,6 +9,13 @@ rounding of the forward swamps the difference over a 2e-6 step; ``python -m benc
 targets test the mode. And one loss of each must make no tensor below float64
 (:func:`report_low_precision`), padded or not.
 
+Mixture-of-experts families (``tests.tiny.MOE_FAMILIES``: Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-oss, DeepSeek-V3,
+OLMoE, GraniteMoE) are built with transformers' default experts kernel (``grouped_mm``: no float64, no
+forward mode) and join the same matrix; the reference switches them to the eager experts by its own means.
+Then: the scoped experts kernel choice (:func:`~hess_utils.operators.kernels.experts_kernel`) and the
+float32 verification it rests on, the finite-difference routing-flip detection
+(:mod:`hess_utils.operators.routing`), and the clear errors for what cannot be differentiated.
+
 The mode itself (:mod:`hess_utils.operators.precision`) is tested on plain tensors at the end: every cast
 form, ``dtype=`` requests, factories, the copy semantics, and its scoping.
 """
@@ -16,6 +23,7 @@ form, ``dtype=`` requests, factories, the copy semantics, and its scoping.
 from __future__ import annotations
 
 import threading
+import warnings
 from unittest import mock
 
 import pytest
@@ -24,19 +32,20 @@ import torch
 from hess_utils import vectors as V
 from hess_utils.operators import kernels
 from hess_utils.operators.hessian import hessian_operator
-from hess_utils.operators.kernels import hessian_context
+from hess_utils.operators.kernels import UnsupportedModelError, experts_kernel, hessian_context
 from hess_utils.operators.precision import (
     float64_mode_active,
     is_float64_model,
     keep_float64,
     report_low_precision,
 )
-from tests.tiny import dense_hessian, tiny_batches, tiny_model
+from hess_utils.operators.routing import RoutingMonitor, flipped
+from tests.tiny import MOE_FAMILIES, dense_hessian, tiny_batches, tiny_model
 
 FAMILIES = [
     "gpt2", "gpt_neox", "opt", "llama", "qwen2", "mistral", "qwen3", "phi3", "gemma", "gemma2", "cohere",
     "olmo", "olmo2", "starcoder2", "stablelm", "phi", "granite", "glm", "falcon", "gpt_bigcode", "bloom",
-    "gptj", "codegen",
+    "gptj", "codegen", *MOE_FAMILIES,
 ]
 TOLERANCE = {"rev-rev": 1e-10, "fwd-rev": 1e-10, "fd": 1e-6}
 
@@ -100,6 +109,113 @@ def test_without_the_mode_the_reference_sees_the_float32_casts(family):
         assert rel(V.flatten(op.matvec(v)), H @ V.flatten(v)) > 1e-8
     found = report_low_precision(model, batches[0], keep=False)
     assert {"torch.Tensor.to", "torch.nn.functional.softmax"} <= {f.op for f in found if f.source == "float64"}
+
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+EXPERTS = "model.layers.0.mlp.experts"
+
+
+def _kernel_inside(model, **scope) -> str:
+    with hessian_context(model, **scope):
+        return model.config._experts_implementation
+
+
+def test_the_experts_kernel_is_chosen_per_product_and_restored():
+    """float64: eager for every method (grouped_mm has no float64); float32 on the CPU: grouped_mm where its
+    derivatives were verified (first order, rev-rev), eager for forward mode. The model keeps its kernel."""
+    model64, model32 = tiny_model("mixtral"), tiny_model("mixtral", dtype=torch.float32)
+    assert model64.config._experts_implementation == "grouped_mm"
+    for method in ("rev-rev", "fwd-rev", None):
+        assert _kernel_inside(model64, exact=True, method=method) == "eager"
+    assert _kernel_inside(model64, exact=False) == "eager"
+    assert _kernel_inside(model32, exact=True, method="rev-rev") == "grouped_mm"
+    assert _kernel_inside(model32, exact=True, method="fwd-rev") == "eager"
+    assert _kernel_inside(model32, exact=True) == "eager"  # method unknown: the kernel with every derivative
+    assert _kernel_inside(model32, exact=False) == "grouped_mm"
+    with experts_kernel(model64, exact=True, method="rev-rev") as chosen:
+        assert chosen == {EXPERTS: "eager"}
+    with pytest.raises(KeyError), hessian_context(model64):
+        raise KeyError("not the model's")  # restored on an error too; one not of the model passes unchanged
+    assert model64.config._experts_implementation == model32.config._experts_implementation == "grouped_mm"
+    with experts_kernel(tiny_model("llama"), exact=True) as chosen:
+        assert chosen == {}  # a dense model: nothing to choose
+
+
+def test_float32_grouped_mm_double_backward_matches_the_eager_experts():
+    """The measurement behind VERIFIED_FUSED_EXPERTS: float32 rev-rev through grouped_mm's double backward on
+    the CPU equals the eager experts' to float32 rounding, and both are float32-close to the float64 Hessian."""
+    model = tiny_model("mixtral", dtype=torch.float32)
+    batches = tiny_batches(pad=True)
+    H = dense_hessian(tiny_model("mixtral"), batches)  # the same weights in float64
+    op = hessian_operator(model, batches, method="rev-rev")
+    v = op.random_vector("gaussian", 0)
+    fused = V.flatten(op.matvec(v))
+    model.config._experts_implementation = "eager"  # the test's own switch
+    eager = V.flatten(hessian_operator(model, batches, method="rev-rev").matvec(v))
+    assert rel(fused, eager) < 1e-5
+    assert rel(fused, H @ V.flatten(v)) < 1e-5 and rel(eager, H @ V.flatten(v)) < 1e-5
+
+
+def _fd_product(model, batches, **options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = hessian_operator(model, batches, method="fd", **options)
+        v = op.random_vector("gaussian", 0)
+        flips = []
+        for _ in range(2):
+            op.matvec(v)
+            flips.append(op.last_fd.routing_flips)
+    return flips, [str(w.message) for w in caught if "routing decision" in str(w.message)]
+
+
+@pytest.mark.parametrize("fd_mode", ["fixed", "adaptive"])
+def test_fd_warns_once_when_its_steps_flip_the_routing(fd_mode):
+    """A huge step (half of each weight) sends tokens to other experts: warned once, counted every product.
+    The default float64 step flips nothing: no warning, a count of 0."""
+    model, batches = tiny_model("qwen2_moe"), tiny_batches(pad=True)
+    flips, messages = _fd_product(model, batches, fd_eps=0.5, fd_mode=fd_mode)
+    assert flips[0] > 0 and flips[0] == flips[1] and len(messages) == 1
+    assert f"moved {flips[0]} top-k routing decision" in messages[0] and "qwen2_moe" in messages[0]
+    flips, messages = _fd_product(model, batches, fd_mode=fd_mode)
+    assert flips == [0, 0] and messages == []
+
+
+def test_routing_is_read_from_the_router_or_else_from_the_experts_input():
+    model, batch = tiny_model("deepseek_v3"), tiny_batches(num_batches=1)[0]
+    monitor = RoutingMonitor(model)
+    assert [n for n, _ in monitor.routers] == ["model.layers.0.mlp.gate"] and not RoutingMonitor(tiny_model("llama"))
+    with torch.no_grad(), hessian_context(model, exact=False), monitor.record() as by_router:
+        model(**batch)
+    monitor.routers = []  # a family whose gate returns no indices: the experts' top_k_index input is read
+    with torch.no_grad(), hessian_context(model, exact=False), monitor.record() as by_experts:
+        model(**batch)
+    assert len(by_router) == len(by_experts) == 1 and by_router[0][1].shape == (12, 2)
+    assert flipped(by_router, by_experts) == 0 and torch.equal(by_router[0][1], by_experts[0][1])
+    changed = [(by_router[0][0], by_router[0][1].flip(-1) + 1)]  # every token to other experts
+    assert flipped(by_router, changed) == 12 and flipped(by_router, by_router + changed) == 12
+
+
+@pytest.mark.filterwarnings("ignore:.*the output head cannot run")
+def test_a_kernel_without_the_derivative_is_named_with_its_family_and_layer():
+    """Were the fused kernel kept, the raw torch error would come out as one that names family, layer, reason."""
+    model, batches = tiny_model("mixtral"), tiny_batches(pad=True)
+    keep = mock.patch("hess_utils.operators.kernels.experts_implementation_for", lambda impl, *a, **k: impl)
+    for method, reason in (("rev-rev", "no float64 version"), ("fwd-rev", "no forward-mode derivative")):
+        op = hessian_operator(model, batches, method=method)
+        with keep, pytest.raises(UnsupportedModelError) as info:
+            op.matvec(op.random_vector("gaussian", 0))
+        message = str(info.value)
+        assert message.startswith("mixtral (MixtralForCausalLM): layer model.layers.0.mlp.experts (MixtralExperts)")
+        assert reason in message and info.value.__cause__ is None and info.value.original is not None
+        assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+def test_experts_that_cannot_run_eagerly_are_refused_for_exact_methods():
+    model, batches = tiny_model("gpt_oss"), tiny_batches(pad=True)
+    model.config._experts_implementation_internal = "deepgemm_megamoe"
+    op = hessian_operator(model, batches, method="rev-rev")
+    with pytest.raises(UnsupportedModelError, match=r"gpt_oss .*layer model\.layers\.0\.mlp\.experts .*load-time"):
+        op.matvec(op.random_vector("gaussian", 0))
 
 
 # ------------------------------------------------------------------------------------------ the mode itself

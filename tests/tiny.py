@@ -6,8 +6,16 @@ on where the family has them: Mistral/Starcoder2 sliding window 3 (shorter than 
 Gemma-2 attention and final-logit soft-capping at 2 and 3 (where ``tanh`` bends), Bloom ALiBi, partial
 rotary embeddings (GPT-NeoX, Phi, StableLM, GPT-J, CodeGen, GLM), QK norms (OLMo-2, Qwen3, Cohere).
 
+Mixture-of-experts families (:data:`MOE_FAMILIES`): 4 experts of intermediate size 8, top-2, built with
+transformers' default experts kernel (``grouped_mm``, which has no float64 version: the package must choose);
+Mixtral and PhiMoE with sliding window 3, Qwen2-MoE with a gated shared expert and unnormalised top-k weights,
+Qwen3-MoE with QK norms, GPT-oss with two layers (sliding window 3, then full attention), attention sinks,
+biased experts and YaRN, DeepSeek-V3 with multi-head latent attention (low-rank q and kv), one shared
+expert and group-limited top-k (2 groups, 1 chosen), OLMoE, GraniteMoE.
+
 :func:`dense_hessian` is the reference the package is tested against, so it shares none of the package's
-code paths: its own loss (the definition of :mod:`hess_utils.loss`, written out) and its own float64 mode.
+code paths: its own loss (the definition of :mod:`hess_utils.loss`, written out), its own float64 mode and,
+for MoE models, its own switch to the eager experts (it sets the experts' config itself).
 """
 
 from __future__ import annotations
@@ -62,6 +70,28 @@ _CONFIGS = {
     "codegen": lambda: tf.CodeGenConfig(n_positions=16, n_ctx=16, n_embd=8, n_layer=1, n_head=2,
                                         rotary_dim=2, **_COMMON),
 }
+_MOE = dict(num_experts_per_tok=2)
+_MOE_DECODER = {**_DECODER, "intermediate_size": 8}
+_MOE_CONFIGS = {
+    "mixtral": lambda: tf.MixtralConfig(**_MOE_DECODER, num_local_experts=4, sliding_window=3, **_MOE),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_DECODER, num_experts=4, moe_intermediate_size=8,
+                                           shared_expert_intermediate_size=8, norm_topk_prob=False, **_MOE),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(**_DECODER, head_dim=4, num_experts=4, moe_intermediate_size=8,
+                                           norm_topk_prob=True, **_MOE),
+    "gpt_oss": lambda: tf.GptOssConfig(
+        **{**_MOE_DECODER, "num_hidden_layers": 2}, head_dim=4, num_local_experts=4, sliding_window=3,
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                             truncate=False, original_max_position_embeddings=4), **_MOE),
+    "deepseek_v3": lambda: tf.DeepseekV3Config(
+        **{**_DECODER, "num_key_value_heads": 2}, moe_intermediate_size=8, first_k_dense_replace=0,
+        n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1, kv_lora_rank=4, q_lora_rank=4,
+        qk_rope_head_dim=2, qk_nope_head_dim=2, v_head_dim=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+        **_MOE),
+    "olmoe": lambda: tf.OlmoeConfig(**_MOE_DECODER, num_experts=4, **_MOE),
+    "granitemoe": lambda: tf.GraniteMoeConfig(**_MOE_DECODER, num_local_experts=4, **_MOE),
+}
+_CONFIGS.update(_MOE_CONFIGS)
+MOE_FAMILIES = tuple(_MOE_CONFIGS)
 FAMILIES = tuple(_CONFIGS)
 
 
@@ -149,6 +179,29 @@ def _float64_everywhere(model):
         torch.set_default_dtype(previous)
 
 
+@contextlib.contextmanager
+def _eager_experts(model):
+    """Every experts module that reads ``config._experts_implementation`` runs its eager loop in this block.
+
+    Written apart from the package's kernel choice: the attribute is set on each such module's config (found
+    by the attribute itself) and put back afterwards.
+    """
+    configs = {}
+    for m in model.modules():
+        experts = getattr(m, "down_proj", None)  # experts keep their weights as one 3-D parameter per projection
+        config = getattr(m, "config", None)
+        if isinstance(experts, torch.nn.Parameter) and experts.ndim == 3 and hasattr(config, "_experts_implementation"):
+            configs[id(config)] = config
+    saved = {k: c._experts_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation = "eager"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._experts_implementation = saved[k]
+
+
 def _predicted(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets ``y[b, t] = labels[b, t+1]`` (``labels`` defaults to ``input_ids``) and the 0/1 mask of the
     positions predicted: target not ``-100`` and not padding (``attention_mask[b, t+1] = 1``)."""
@@ -201,7 +254,7 @@ def dense_hessian(model, batches, names=None, reduction="mean") -> torch.Tensor:
             total = total + _summed_nll(out.logits, b)
         return total / n_tok if reduction == "mean" else total
 
-    with sdpa_kernel(SDPBackend.MATH), _float64_everywhere(model):
+    with sdpa_kernel(SDPBackend.MATH), _float64_everywhere(model), _eager_experts(model):
         try:
             H = jacrev(grad(f))(flat0)
         except RuntimeError as err:

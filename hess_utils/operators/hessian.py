@@ -49,7 +49,9 @@ Methods
     mode on random vectors but not on Krylov vectors (``python -m benchmarks.fd_accuracy`` measures both;
     benchmarks/RESULTS.md). An explicit ``fd_eps`` fixes the step. ``last_fd`` on the operator says what
     the last product did. Needs only gradients, so it runs where double backward does not (FSDP, flash
-    attention).
+    attention). For a mixture-of-experts model the Hessian is that of the loss with the top-k routing held
+    fixed (:mod:`hess_utils.operators.routing`); a product whose points ``w +- h v`` route a token to other
+    experts than ``w`` warns (once per operator) and counts them on ``last_fd.routing_flips``.
 ``"auto"``
     ``"rev-rev"``, run inside a scoped context that makes the attention kernel differentiable twice:
     eager attention as is; SDPA under ``sdpa_kernel(SDPBackend.MATH)`` for the duration of each product
@@ -70,7 +72,8 @@ import torch
 from hess_utils import loss as L
 from hess_utils import vectors as V
 from hess_utils.operators.base import SymmetricOperator
-from hess_utils.operators.kernels import attention_implementation, hessian_context
+from hess_utils.operators.kernels import attention_implementation, hessian_context, model_family
+from hess_utils.operators.routing import RoutingMonitor, routing_warning
 from hess_utils.operators.selection import ParamSelector, select_parameters
 from hess_utils.vectors import TensorList
 
@@ -114,7 +117,9 @@ class FDProduct:
     a-posteriori error estimate of the difference at the larger step (NaN with one step); ``chosen``: what
     was returned, ``"first"``, ``"second"`` or ``"third"`` (``D`` at ``steps[0]``, ``[1]``, ``[2]``) or
     ``"extrapolated"`` (Richardson's combination of the last two); ``gradients``: gradient evaluations spent
-    on it, 2 per step (the gradient at ``w`` is shared by all products).
+    on it, 2 per step (the gradient at ``w`` is shared by all products); ``routing_flips``: top-k routing
+    decisions of a mixture-of-experts model that the points ``w +- h v`` made differently from ``w``
+    (:mod:`hess_utils.operators.routing`; 0 for a dense model).
     """
 
     steps: tuple[float, ...]
@@ -122,6 +127,7 @@ class FDProduct:
     change: float
     chosen: str
     gradients: int
+    routing_flips: int = 0
 
 
 def fd_step_size(eps: float, abs_dot: float, v_sq_norm: float, w_norm: float, v_norm: float | None = None) -> float:
@@ -344,6 +350,7 @@ class HessianOperator(SymmetricOperator):
         # Whether the output head runs on predicted positions only; turned off (with a warning) if it fails.
         self.row_logits = L.RowLogits.for_model(model)
         self.last_fd: FDProduct | None = None  # what the last finite-difference product did
+        self._fd_routing = RoutingMonitor(model)  # top-k choices the fd steps cross (MoE models; else empty)
         self.num_gradients = 0  # gradient evaluations spent on finite-difference products
         self._fd_center: TensorList | None = None  # g(w) for the adaptive step, while the weights stay
         self.num_tokens = self._global_token_count()
@@ -381,7 +388,7 @@ class HessianOperator(SymmetricOperator):
         else:
             local = None
             self._drop_stale_graphs()
-            with hessian_context(self.model, exact=True):
+            with hessian_context(self.model, exact=True, method=self.method):
                 for index, batch in enumerate(self._batch_iter("H v")):
                     part = self._rev_rev(index, batch, v) if self.method == "rev-rev" else self._fwd_rev(batch, v)
                     local = _accumulate(local, part)
@@ -413,7 +420,7 @@ class HessianOperator(SymmetricOperator):
         k = len(checked)
         self._drop_stale_graphs()
         stacked = [torch.stack(blocks) for blocks in zip(*checked, strict=True)]
-        with hessian_context(self.model, exact=True):
+        with hessian_context(self.model, exact=True, method=self.method):
             local = None
             for index, batch in enumerate(self._batch_iter("H V")):
                 part = self._rev_rev_batched(index, batch, stacked)
@@ -648,20 +655,26 @@ class HessianOperator(SymmetricOperator):
         adaptive = self.fd_mode == "adaptive"
         # Under DDP/FSDP every rank must take the same branch (the gradient is a collective), and a change
         # may touch only some ranks' shards: the decision is summed over ranks (identity on one process).
+        routing = self._fd_routing
         if adaptive and self._sum_scalar(float(changed or self._fd_center is None)) > 0:
             self._fd_center = None
-            self._fd_center = self._fd_gradient()
+            with routing.record() as routing.center:
+                self._fd_center = self._fd_gradient()
             self.num_gradients += 1
+        elif routing and not adaptive:  # the expert choice at w, from one forward (fixed mode has no g(w))
+            with routing.record() as routing.center:
+                self.loss()
         try:
-            first, tau1 = self._fd_pair(weights, saved, direction, h1, self._fd_center if adaptive else None)
-            if adaptive:
-                h2 = second_fd_step(h1, tau1, self.fd_tolerance)
-                second, tau2 = self._fd_pair(weights, saved, direction, h2, self._fd_center)
+            with routing.record() as moved:
+                first, tau1 = self._fd_pair(weights, saved, direction, h1, self._fd_center if adaptive else None)
+                if adaptive:
+                    h2 = second_fd_step(h1, tau1, self.fd_tolerance)
+                    second, tau2 = self._fd_pair(weights, saved, direction, h2, self._fd_center)
         finally:
             self._fd_restore(weights, saved)
         if not adaptive:
             self.num_gradients += 2
-            self.last_fd = FDProduct((h1,), (tau1,), float("nan"), "first", 2)
+            self.last_fd = FDProduct((h1,), (tau1,), float("nan"), "first", 2, self._fd_routing_flips(moved, 2))
             for block in first:  # in place: factor (g+ - g-) / (2 h) without new allocations
                 block.mul_(factor / (2 * h1))
             return self._fd_assemble(first)
@@ -678,7 +691,9 @@ class HessianOperator(SymmetricOperator):
             del first  # the difference D2 - D1, no longer needed
             h3 = third_fd_step(h1, h2, tau2, self.fd_tolerance)
             try:
-                third, tau3 = self._fd_pair(weights, saved, direction, h3, self._fd_center)
+                with routing.record() as moved_third:
+                    third, tau3 = self._fd_pair(weights, saved, direction, h3, self._fd_center)
+                moved += moved_third
             finally:
                 self._fd_restore(weights, saved)
             for d3 in third:
@@ -694,8 +709,19 @@ class HessianOperator(SymmetricOperator):
             out, chosen = second, "second"
         gradients = 2 * len(steps)
         self.num_gradients += gradients
-        self.last_fd = FDProduct(tuple(steps), tuple(taus), change, chosen, gradients)
+        self.last_fd = FDProduct(tuple(steps), tuple(taus), change, chosen, gradients,
+                                 self._fd_routing_flips(moved, gradients))
         return self._fd_assemble(out)
+
+    def _fd_routing_flips(self, moved: list, gradients: int) -> int:
+        """Routing decisions the product's points made differently from ``w`` (summed over ranks); warns once."""
+        if not self._fd_routing:
+            return 0
+        flips = int(self._sum_scalar(float(self._fd_routing.flips(moved))))
+        if flips and not self._fd_routing.warned:
+            self._fd_routing.warned = True
+            warnings.warn(routing_warning(model_family(self.model), flips, gradients), stacklevel=5)
+        return flips
 
     def _fd_combine(
         self, da: TensorList, ha: float, taua: float, db: TensorList, hb: float, taub: float

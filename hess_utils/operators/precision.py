@@ -317,19 +317,20 @@ def report_low_precision(
 
     Runs :func:`hess_utils.loss.batch_loss_sum` on ``batch`` (the forward and loss the Hessian products
     differentiate) inside :func:`~hess_utils.operators.kernels.hessian_context` (``keep=False``: outside it,
-    to see what the modeling code casts down), under a :class:`LowPrecisionRecorder`. An empty list means the
+    to see what the modeling code casts down; mixture-of-experts layers still run on the experts kernel a
+    product would choose, :func:`~hess_utils.operators.kernels.experts_kernel`, since the default one has no
+    float64 version), under a :class:`LowPrecisionRecorder`. An empty list means the
     whole forward ran in float64. Backward passes are not visible to a ``TorchFunctionMode`` (module
     docstring). Raises ``ValueError`` for a model that is not float64.
     """
-    import contextlib
 
     from hess_utils import loss as L
-    from hess_utils.operators.kernels import hessian_context
+    from hess_utils.operators.kernels import experts_kernel, hessian_context
 
     if not is_float64_model(model):
         raise ValueError("report_low_precision checks float64 models; this one has parameters of another dtype")
     recorder = LowPrecisionRecorder()
-    scope = hessian_context(model, exact=True) if keep else contextlib.nullcontext()
+    scope = hessian_context(model, exact=True) if keep else experts_kernel(model, exact=True)
     # The recorder is entered first, so it sits below the float64 mode and sees the calls as changed.
     with recorder, scope, torch.no_grad():
         L.batch_loss_sum(model, batch)
