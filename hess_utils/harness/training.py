@@ -16,7 +16,10 @@ of step ``t`` is :math:`\\eta f(t - 1)` with :math:`f(s) = (s + 1) / W` for ``s 
 cosine from 1 down to ``min_lr_ratio`` over the remaining steps (:math:`f = 1` throughout with the defaults
 ``W = 0``, ``min_lr_ratio = 1``). Weight decay applies to every parameter, or with ``decay_matrices_only`` to
 those of two or more dimensions (biases and norms undecayed). ``callback(step, model)`` runs after each update
-(e.g. to save checkpoints). The recorded training
+(e.g. to save checkpoints). With ``router_aux_loss_coef`` :math:`\\alpha > 0` (mixture-of-experts models) each
+step minimises :math:`\\ell_t + \\alpha\\, b_t` instead, :math:`b_t` the load-balancing term of
+:func:`router_balance_loss` over the router calls of that forward; the recorded losses stay :math:`\\ell_t`
+(the loss whose Hessian is studied has no such term). The recorded training
 loss of step ``t`` is :math:`\\ell_t` (before the update); the validation loss of step ``t`` is
 :math:`L(w_t; \\text{val})`, and step 0 records :math:`L(w_0; \\text{val})`.
 
@@ -33,8 +36,9 @@ trains both ways; that is the point of the ablation.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +46,7 @@ import torch
 
 from hess_utils import loss as L
 from hess_utils.algorithms._frozen import freeze_arrays
+from hess_utils.operators.routing import router_modules
 from hess_utils.progress import progress_bar, set_postfix
 
 
@@ -121,6 +126,7 @@ def continue_training(
     decay_matrices_only: bool = False,
     callback: Callable[[int, torch.nn.Module], None] | None = None,
     desc: str = "training",
+    router_aux_loss_coef: float = 0.0,
 ) -> TrainingHistory:
     """Train ``model`` in place for ``steps`` AdamW steps (module docstring) and return the losses.
 
@@ -157,6 +163,9 @@ def continue_training(
         ``callback(step, model)`` after the update of each step ``1..S``.
     desc : str
         The progress bar's label.
+    router_aux_loss_coef : float
+        Weight :math:`\\alpha` of the load-balancing term of a mixture-of-experts model (module docstring);
+        0 trains on the cross-entropy alone.
 
     Returns
     -------
@@ -166,8 +175,11 @@ def continue_training(
     ------
     ValueError
         For empty batch lists, non-positive ``steps``/``lr``/``eval_every``, a negative weight decay, no trainable
-        parameter, or a non-finite loss (diverged: lower ``lr``).
+        parameter, a non-finite loss (diverged: lower ``lr``), or ``router_aux_loss_coef > 0`` for a model
+        whose routers report no logits.
     """
+    if router_aux_loss_coef < 0 or not math.isfinite(router_aux_loss_coef):
+        raise ValueError(f"router_aux_loss_coef must be a finite number >= 0, got {router_aux_loss_coef}")
     _check_inputs(train_batches, val_batches, steps, lr, eval_every, weight_decay, grad_clip)
     train_batches = list(train_batches)
     val_batches = None if val_batches is None else list(val_batches)
@@ -209,8 +221,11 @@ def continue_training(
                 for group in optimizer.param_groups:
                     group["lr"] = float(lr) * lr_factor(step - 1)
                 batch = train_batches[(step - 1) % len(train_batches)]
-                loss = L.lm_loss(model, [batch])
+                with _router_calls(model, router_aux_loss_coef > 0) as calls:
+                    loss = L.lm_loss(model, [batch])
                 value = float(loss.detach())
+                if router_aux_loss_coef > 0:
+                    loss = loss + router_aux_loss_coef * router_balance_loss(calls)
                 if not math.isfinite(value):
                     raise ValueError(f"the training loss is {value} at step {step}: training diverged; lower lr "
                                      f"(now {lr})")
@@ -238,3 +253,56 @@ def continue_training(
         grad_clip=float("nan") if grad_clip is None else float(grad_clip),
         seed=int(seed),
     )
+
+
+def router_balance_loss(calls: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The load-balancing term of top-k routing (Switch Transformer's, extended to top-k), averaged over calls.
+
+    For one router call over ``T`` tokens with logits ``z`` of shape ``(T, E)`` and chosen experts ``I`` of
+    shape ``(T, k)``: :math:`p_{te} = \\operatorname{softmax}(z_t)_e`, :math:`P_e = \\frac1T \\sum_t p_{te}` (mean
+    router probability) and :math:`f_e = \\frac{1}{kT} \\sum_t [e \\in I_t]` (share of the ``kT`` slots sent to
+    ``e``), and the term is :math:`E \\sum_e f_e P_e`: 1 when both are uniform, up to ``E`` when one expert takes
+    everything. Gradients flow through :math:`P` only (the choice is piecewise constant). Returns the mean
+    over the calls (a 0-dimensional tensor).
+    """
+    if not calls:
+        raise ValueError("no router call was recorded: the model has no router that reports its logits")
+    terms = []
+    for logits, indices in calls:
+        num_experts, k = logits.shape[-1], indices.shape[-1]
+        probs = torch.softmax(logits.reshape(-1, num_experts).float(), dim=-1)
+        chosen = torch.zeros_like(probs).scatter_(1, indices.reshape(-1, k).long(), 1.0)
+        share = chosen.mean(0) / k
+        terms.append(num_experts * (share * probs.mean(0)).sum())
+    return torch.stack(terms).mean()
+
+
+@contextlib.contextmanager
+def _router_calls(model: torch.nn.Module, active: bool) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``(logits (T, E), indices (T, k))`` of every router call of the forwards inside the block (if ``active``).
+
+    A router (:func:`hess_utils.operators.routing.router_modules`) returns a tuple whose first 2-D floating
+    tensor is taken as the logits and whose first integer tensor as the top-k indices.
+    """
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if not active:
+        yield calls
+        return
+    routers = router_modules(model)
+    if not routers:
+        raise ValueError(f"router_aux_loss_coef > 0 but {type(model).__name__} has no router module: set it to 0")
+
+    def hook(module, args, output):
+        items = output if isinstance(output, (tuple, list)) else (output,)
+        logits = next((t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == 2),
+                      None)
+        indices = next((t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+        if logits is not None and indices is not None:
+            calls.append((logits, indices))
+
+    handles = [m.register_forward_hook(hook) for _, m in routers]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()

