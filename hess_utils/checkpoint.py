@@ -1,9 +1,10 @@
-"""Long SLQ runs: checkpointed every few iterations, resumed by re-running the same call.
+"""The state store of checkpointed SLQ runs: ``hess_utils.slq(..., checkpoint_dir=run_dir)``.
 
-:func:`run_slq` runs stochastic Lanczos quadrature (:func:`hess_utils.algorithms.slq.slq`) in a run folder.
-Every ``checkpoint_every`` Lanczos iterations, and at the end of every probe, it saves what the next
-iteration needs: the finished probes' results, the current probe's alphas, betas, its last two vectors and
-its kept basis (``reorth="full"`` or ``"offload"``). Start vectors are drawn from seeded CPU generators
+:func:`hess_utils.algorithms.slq.slq` runs the Lanczos loop; given a ``checkpoint_dir`` it hands every step to
+an :class:`SLQStore`, which keeps the run folder. Every ``checkpoint_every`` Lanczos iterations, and at the end
+of every probe (or group of probes advancing together), the store saves what the next iteration needs: the
+finished probes' results and, for each probe in flight, its alphas, betas, its last two vectors and its kept
+basis (``reorth="full"``, ``"offload"`` or ``"partial"``). Start vectors are drawn from seeded CPU generators
 (:func:`~hess_utils.algorithms.probes.probe_seed`), never from a global random state, so there is no RNG state
 to save. Re-running the same call resumes from the checkpoint and computes exactly the same floating-point
 operations as an uninterrupted run, so on a deterministic operator (CPU) the alphas and betas are
@@ -15,13 +16,15 @@ Files of the run folder (see also :mod:`hess_utils.runs` for the result tables)
     Everything that defines the result (:func:`slq_config`). Written when the run starts.
 ``checkpoint.pt``
     ``torch.save`` of plain dicts, lists, numbers and CPU tensors (loaded with ``weights_only=True``): the
-    finished probes' :class:`~hess_utils.algorithms.lanczos.LanczosResult` fields, and the current probe's
-    :class:`~hess_utils.algorithms.lanczos.LanczosState` (its last two vectors only without a basis: with
-    one they are its last two rows).
+    finished probes' :class:`~hess_utils.algorithms.lanczos.LanczosResult` fields, and the
+    :class:`~hess_utils.algorithms.lanczos.LanczosState` of the probe in flight under ``"state"`` (its last two
+    vectors only without a basis: with one they are its last two rows). When several probes advance together
+    (``probes_at_once > 1``), ``"state"`` is None and ``"lockstep"`` lists one entry per probe of the group, in
+    probe order: a state as above, or ``{"result": ...}`` for a probe of the group that already broke down.
 ``basis/probeNNNNNN-rowsAAAAAA-BBBBBB.pt``
-    The current probe's basis rows ``A..B-1``, one file per checkpoint holding only the rows added since the
-    previous one, so a run of ``k`` iterations writes its basis once, not ``k / checkpoint_every`` times.
-    Listed with their sha256 in ``checkpoint.pt``; deleted once their probe is finished.
+    The basis rows ``A..B-1`` of probe ``N`` in flight, one file per checkpoint holding only the rows added
+    since the previous one, so a run of ``k`` iterations writes its basis once, not ``k / checkpoint_every``
+    times. Listed with their sha256 in ``checkpoint.pt``; deleted once their probe is finished.
 ``checkpoint.json``
     The sha256 of ``checkpoint.pt`` and where the run stands (probe, iteration, products).
 
@@ -38,7 +41,12 @@ Rules on a re-run
   with its saved and new value.
 * ``ritz.csv`` present: the run is finished; its result is loaded from the checkpoint and returned without
   computing anything.
-* ``checkpoint.pt`` present: resumed (after checking its digest).
+* ``checkpoint.pt`` present: resumed (after checking its digest). The probes in flight continue as they were
+  started (together, or one at a time); the probes after them follow this call's ``probes_at_once``.
+
+``probes_at_once`` is not part of the configuration: advancing probes together changes their products at
+rounding level only (a batched product is not bit-identical to single ones), like resuming on another number
+of ranks.
 
 Distributed runs
 ----------------
@@ -47,6 +55,9 @@ FSDP operators return the same ``H v`` on every rank), so every rank reads the c
 the writer (rank 0 by default) writes files. The run folder must be on a file system every rank sees; the
 ranks check with one all-reduce that they resume from the same checkpoint. Resuming with another number of
 ranks is allowed: the products then differ from an uninterrupted run at rounding level only.
+
+The store imports :mod:`hess_utils.algorithms.slq` (for :class:`SLQResult`); the loop imports the store only
+when a ``checkpoint_dir`` is given, so neither import is circular.
 """
 
 from __future__ import annotations
@@ -57,19 +68,20 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hess_utils import _io, runs
-from hess_utils.algorithms.lanczos import LanczosResult, LanczosState, lanczos_finish, lanczos_init, lanczos_step
-from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
+from hess_utils.algorithms.lanczos import LanczosResult, LanczosState
+from hess_utils.algorithms.probes import check_count, check_seed
 from hess_utils.algorithms.slq import SLQResult, stack_runs
 from hess_utils.operators.base import SymmetricOperator
-from hess_utils.progress import progress_bar, set_postfix
 
+#: A probe of the group in flight: its Lanczos state, or its result once it broke down before the others.
+Slot = LanczosState | LanczosResult
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
 SIDECAR_FILE = "checkpoint.json"
@@ -248,25 +260,96 @@ def _on_operator(op: SymmetricOperator, vector: list[torch.Tensor]) -> list[torc
     return out
 
 
-# ---------------------------------------------------------------------------------------------- the runner
-class _Run:
-    """The mutable bookkeeping of one :func:`run_slq` call (the public API is the function)."""
+# ---------------------------------------------------------------------------------------------- the store
+class SLQStore:
+    """The run folder of one checkpointed :func:`~hess_utils.algorithms.slq.slq` call (module docstring).
 
-    def __init__(self, op: SymmetricOperator, run_dir: Path, config: dict[str, Any], is_writer: bool) -> None:
+    Built by :meth:`open`; the loop then tells it what happens: :meth:`begin` (a group of probes starts),
+    :meth:`stepped` (one iteration of the group done; saves when one is due), :meth:`probes_done` (the group
+    finished; saves) and :meth:`finish` (the result files). It never runs a product itself.
+
+    Attributes
+    ----------
+    finished : list of LanczosResult
+        The finished probes, in probe order.
+    group : list of LanczosState or LanczosResult
+        The probes in flight (probe ``len(finished) + i`` at index ``i``); a result stands for a probe of a
+        lockstep group that broke down before the others. The loop updates this list in place.
+    result : SLQResult or None
+        Set by :meth:`open` when the folder already holds this finished run (nothing is left to compute).
+    """
+
+    def __init__(self, op: SymmetricOperator | None, run_dir: Path, config: dict[str, Any], is_writer: bool,
+                 checkpoint_every: int = 0) -> None:
         self.op = op
         self.run_dir = run_dir
         self.config = config
         self.is_writer = is_writer
+        self.checkpoint_every = checkpoint_every
         self.finished: list[LanczosResult] = []
-        self.state: LanczosState | None = None
-        self.chunks: list[dict[str, Any]] = []  # basis files of the current probe
-        self.rows_saved = 0
+        self.group: list[Slot] = []
+        self.result: SLQResult | None = None
+        self.chunks: dict[int, list[dict[str, Any]]] = {}  # basis files of each probe in flight
+        self.rows_saved: dict[int, int] = {}
         self.sha: str | None = None  # digest of the checkpoint.pt on disk
         self.products = 0
         self.elapsed = 0.0
         self.sessions: list[dict[str, Any]] = []
         self.session_start = time.perf_counter()
         self.session = {"started": _now(), "resumed_at": None, "products": 0, "seconds": 0.0}
+
+    # -------------------------------------------------------------- opening
+    @classmethod
+    def open(
+        cls,
+        op: SymmetricOperator,
+        run_dir: str | Path,
+        *,
+        num_iters: int,
+        num_probes: int,
+        reorth: str,
+        seed: int,
+        probe: str,
+        checkpoint_every: int = 10,
+        config: dict[str, Any] | None = None,
+        is_writer: bool | None = None,
+    ) -> SLQStore:
+        """Check ``run_dir`` against this run and load where it stands.
+
+        A new folder gets its ``config.json``; a finished one sets :attr:`result` (loaded, nothing to
+        compute); an interrupted one is restored from its verified checkpoint (every rank reads it).
+
+        Raises
+        ------
+        ValueError
+            For a run folder holding another run (every differing key named) or invalid arguments.
+        CheckpointError
+            For a checkpoint that fails verification (truncated, corrupted, unreadable).
+        """
+        num_iters = check_count("num_iters", num_iters)
+        num_probes = check_count("num_probes", num_probes)
+        seed = check_seed(seed)
+        checkpoint_every = check_count("checkpoint_every", checkpoint_every, minimum=0)
+        is_writer = _default_writer() if is_writer is None else bool(is_writer)
+        run_dir = Path(run_dir)
+        full_config = slq_config(op, num_iters, num_probes, reorth, seed, probe, config)
+        if is_writer:
+            _clean_stale_temporaries(run_dir)
+        store = cls(op, run_dir, full_config, is_writer, checkpoint_every)
+        if check_run_folder(run_dir, full_config, runs.RITZ_FILE, is_writer):
+            store.result = load_slq_result(run_dir)
+            if is_writer:
+                print(f"{run_dir} holds this finished run: loaded its result, nothing recomputed", flush=True)
+            return store
+        resuming = store.checkpoint_path.exists()
+        if resuming:
+            store.load()
+        _check_same_on_all_ranks(op, store, resuming)
+        if resuming and is_writer:
+            probe_index, iteration = store.position()
+            print(f"resuming {run_dir} at probe {probe_index}, iteration {iteration} ({store.products} products "
+                  "done)", flush=True)
+        return store
 
     # -------------------------------------------------------------- paths
     @property
@@ -281,6 +364,42 @@ class _Run:
     def basis_dir(self) -> Path:
         return self.run_dir / BASIS_DIR
 
+    # -------------------------------------------------------------- what the loop reports
+    def begin(self, group: list[Slot]) -> None:
+        """A new group of probes starts (``group`` is kept, not copied: the loop updates it in place)."""
+        self.group = group
+        self.chunks, self.rows_saved = {}, {}
+
+    def stepped(self, products: int) -> None:
+        """One iteration of every live probe of the group is done (``products`` vectors); save if one is due.
+
+        Due when ``checkpoint_every > 0``, some probe of the group is still running, and its iteration count (the
+        same for every running probe of a group) is a multiple of ``checkpoint_every``.
+        """
+        self.products += products
+        self.session["products"] += products
+        running = [s for s in self.group if isinstance(s, LanczosState) and not s.done]
+        if self.checkpoint_every and running and running[0].iteration % self.checkpoint_every == 0:
+            self.save()
+
+    def probes_done(self, results: Sequence[LanczosResult]) -> None:
+        """The group finished with ``results`` (in probe order); save (small: no basis)."""
+        self.finished.extend(results)
+        self.group = []
+        self.chunks, self.rows_saved = {}, {}
+        self.save()
+
+    def finish(self, result: SLQResult, record: dict[str, Any] | Callable[[], dict[str, Any]] | None) -> None:
+        """The result tables and ``run.json`` (writer only); a callable ``record`` is called on every rank."""
+        extra = record() if callable(record) else dict(record or {})
+        if self.is_writer:
+            self._write_results(result, extra)
+
+    def position(self) -> tuple[int, int]:
+        """(first probe in flight or next to start, iterations done by the group in flight)."""
+        iterations = [s.iteration if isinstance(s, LanczosState) else s.num_iters for s in self.group]
+        return len(self.finished), max(iterations, default=0)
+
     # -------------------------------------------------------------- saving
     def _session_record(self) -> dict[str, Any]:
         now = time.perf_counter() - self.session_start
@@ -289,33 +408,44 @@ class _Run:
     def elapsed_total(self) -> float:
         return self.elapsed + (time.perf_counter() - self.session_start)
 
-    def _save_new_rows(self, state: LanczosState, probe_index: int) -> None:
-        """Write the basis rows added since the last checkpoint of this probe to their own file."""
+    def _save_new_rows(self, state: LanczosState, probe_index: int) -> list[dict[str, Any]]:
+        """Write the basis rows of probe ``probe_index`` added since its last checkpoint to their own file."""
+        chunks = self.chunks.setdefault(probe_index, [])
         filled = state.iteration + (0 if state.breakdown else 1)
-        start, stop = self.rows_saved, filled
+        start, stop = self.rows_saved.get(probe_index, 0), filled
         if stop <= start:
-            return
+            return chunks
         name = f"probe{probe_index:06d}-rows{start:06d}-{stop:06d}.pt"
         target = self.basis_dir / name
         with _io.atomic_path(target) as tmp:
             torch.save([rows[start:stop].detach().to("cpu").clone() for rows in state.basis], tmp)
-        self.chunks.append({"file": name, "start": start, "stop": stop, "sha256": file_sha256(target)})
-        self.rows_saved = stop
+        chunks.append({"file": name, "start": start, "stop": stop, "sha256": file_sha256(target)})
+        self.rows_saved[probe_index] = stop
+        return chunks
+
+    def _state_dict(self, state: LanczosState, probe_index: int) -> dict[str, Any]:
+        state_dict = _state_scalars(state)
+        if state.basis is not None:
+            chunks = self._save_new_rows(state, probe_index)
+            state_dict.update(q=None, q_prev=None, basis_chunks=list(chunks))
+        else:
+            state_dict.update(q=_to_cpu(state.q), q_prev=_to_cpu(state.q_prev), basis_chunks=None)
+        return state_dict
 
     def save(self) -> None:
         """Write the checkpoint (writer only): new basis rows, then sidecar + checkpoint (see module docstring)."""
         if not self.is_writer:
             return
         probe_index = len(self.finished)
-        state = self.state
-        state_dict = None
-        if state is not None:
-            state_dict = _state_scalars(state)
-            if state.basis is not None:
-                self._save_new_rows(state, probe_index)
-                state_dict.update(q=None, q_prev=None, basis_chunks=list(self.chunks))
-            else:
-                state_dict.update(q=_to_cpu(state.q), q_prev=_to_cpu(state.q_prev), basis_chunks=None)
+        state_dict, lockstep = None, None
+        if len(self.group) == 1 and isinstance(self.group[0], LanczosState):
+            state_dict = self._state_dict(self.group[0], probe_index)
+        elif self.group:
+            lockstep = [self._state_dict(s, probe_index + i) if isinstance(s, LanczosState)
+                        else {"result": _result_to_dict(s)} for i, s in enumerate(self.group)]
+            for i, s in enumerate(self.group):  # a broken-down probe's rows are no longer needed
+                if not isinstance(s, LanczosState):
+                    self.chunks.pop(probe_index + i, None)
         payload = {
             "format": FORMAT_VERSION,
             "config": self.config,
@@ -326,13 +456,16 @@ class _Run:
             "elapsed_s": self.elapsed_total(),
             "sessions": [*self.sessions, self._session_record()],
         }
+        if lockstep is not None:
+            payload["lockstep"] = lockstep
+        _, iteration = self.position()
         with _io.atomic_path(self.checkpoint_path) as tmp:
             torch.save(payload, tmp)
             new_sha = file_sha256(tmp)
             accepted = [new_sha] + ([self.sha] if self.sha and self.sha != new_sha else [])
             _io.write_json(self.sidecar_path, {
                 "sha256": new_sha, "accepted_sha256": accepted, "bytes": tmp.stat().st_size,
-                "probe_index": probe_index, "iteration": state.iteration if state is not None else 0,
+                "probe_index": probe_index, "iteration": iteration,
                 "products": self.products, "saved": _now()})
         self.sha = new_sha
         self._drop_unlisted_chunks()
@@ -341,7 +474,7 @@ class _Run:
         """Delete basis files the checkpoint on disk no longer lists (finished probes, orphans of a kill)."""
         if not self.basis_dir.is_dir():
             return
-        listed = {c["file"] for c in self.chunks}
+        listed = {c["file"] for chunks in self.chunks.values() for c in chunks}
         for path in self.basis_dir.glob("probe*.pt"):
             if path.name not in listed:
                 path.unlink(missing_ok=True)
@@ -397,28 +530,19 @@ class _Run:
             expected = chunk["stop"]
         return basis
 
-    def load(self) -> None:
-        """Restore finished probes and the current state from ``checkpoint.pt`` (every rank reads it)."""
-        payload = self._verified_payload()
-        self.finished = [_result_from_dict(d) for d in payload["finished"]]
-        if len(self.finished) != payload["probe_index"]:
-            raise CheckpointError(f"{self.checkpoint_path} is inconsistent (probe index vs finished probes)")
-        self.products = int(payload["products"])
-        self.elapsed = float(payload["elapsed_s"])
-        self.sessions = list(payload["sessions"])
-        s = payload["state"]
-        if s is None:
-            return
+    def _load_state(self, s: dict[str, Any], probe_index: int) -> LanczosState:
         op = self.op
         basis = None
         if s["basis_chunks"] is not None:
-            self.chunks = list(s["basis_chunks"])
-            basis = self._load_basis(self.chunks, s)
-            self.rows_saved = self.chunks[-1]["stop"] if self.chunks else 0
+            chunks = list(s["basis_chunks"])
+            self.chunks[probe_index] = chunks
+            basis = self._load_basis(chunks, s)
+            rows_saved = chunks[-1]["stop"] if chunks else 0
+            self.rows_saved[probe_index] = rows_saved
             j = s["iteration"]
-            if self.rows_saved != j + 1:
-                raise CheckpointError(
-                    f"{self.checkpoint_path}: basis rows {self.rows_saved} do not match iteration {j}")
+            if rows_saved != j + 1:
+                raise CheckpointError(f"{self.checkpoint_path}: basis rows {rows_saved} of probe {probe_index} do not "
+                                      f"match iteration {j}")
             # q_{j+1} and q_j are rows j and j-1 of the basis, copied bit for bit when they were stored.
             q = [rows[j].reshape(shape) for rows, shape in zip(basis, op.shapes, strict=True)]
             q_prev = [rows[j - 1].reshape(shape) for rows, shape in zip(basis, op.shapes, strict=True)] if j else None
@@ -427,24 +551,72 @@ class _Run:
         else:
             q = _on_operator(op, s["q"])
             q_prev = _on_operator(op, s["q_prev"]) if s["q_prev"] is not None else None
-        self.state = LanczosState(
+        return LanczosState(
             num_iters=s["num_iters"], reorth=s["reorth"], seed=s["seed"], probe=s["probe"], tol=s["tol"],
             rtol=s["rtol"], unit_roundoff=s["unit_roundoff"], q=q, q_prev=q_prev, alphas=list(s["alphas"]),
             betas=list(s["betas"]), iteration=s["iteration"], basis=basis, breakdown=s["breakdown"])
-        self.session["resumed_at"] = {"probe": len(self.finished), "iteration": self.state.iteration}
 
-    def position(self) -> tuple[int, int]:
-        return len(self.finished), self.state.iteration if self.state is not None else 0
+    def load(self) -> None:
+        """Restore finished probes and the group in flight from ``checkpoint.pt`` (every rank reads it)."""
+        payload = self._verified_payload()
+        self.finished = [_result_from_dict(d) for d in payload["finished"]]
+        if len(self.finished) != payload["probe_index"]:
+            raise CheckpointError(f"{self.checkpoint_path} is inconsistent (probe index vs finished probes)")
+        self.products = int(payload["products"])
+        self.elapsed = float(payload["elapsed_s"])
+        self.sessions = list(payload["sessions"])
+        self.group = [
+            _result_from_dict(s["result"]) if "result" in s else self._load_state(s, len(self.finished) + i)
+            for i, s in enumerate(_in_flight(payload))
+        ]
+        if self.group:
+            self.session["resumed_at"] = {"probe": len(self.finished), "iteration": self.position()[1]}
+
+    # -------------------------------------------------------------- results
+    def _write_results(self, result: SLQResult, extra: dict[str, Any]) -> None:
+        """The result tables and ``run.json``; ``ritz.csv`` last, since its presence marks a finished run."""
+        density = runs.save_slq_tables(self.run_dir, result)
+        sessions = [*self.sessions, self._session_record()]
+        compute_s = self.elapsed_total()
+        fields = dict(
+            kind="slq",
+            config=self.config,
+            dim=result.dim,
+            num_iters=result.num_iters,
+            num_probes=result.num_probes,
+            reorth=result.reorth,
+            seed=result.seed,
+            probe=result.probe,
+            iterations=[int(k) for k in result.iterations],
+            largest_ritz_value=float(max(r.ritz_values.max() for r in result.runs)),
+            smallest_ritz_value=float(min(r.ritz_values.min() for r in result.runs)),
+            density=density,
+            timings={**dict(extra.get("timings", {})), "slq_compute_s": compute_s, "matvecs": self.products,
+                     "s_per_matvec": compute_s / self.products if self.products else None, "sessions": sessions},
+            files={"ritz": runs.RITZ_FILE, "tridiagonal": runs.TRIDIAGONAL_FILE, "probes": runs.PROBES_FILE,
+                   "density": density.get("file"), "config": runs.CONFIG_FILE, "checkpoint": CHECKPOINT_FILE},
+        )
+        record = runs.provenance(**{**extra, **fields})
+        runs.save_run_json(self.run_dir, record)
+        runs.save_ritz_table(self.run_dir, runs.ritz_frame(result))
 
 
-def _check_same_on_all_ranks(op: SymmetricOperator, run: _Run, resuming: bool) -> None:
+def _in_flight(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The saved entries of the probes in flight: ``"lockstep"`` for a group, else the one ``"state"``."""
+    lockstep = payload.get("lockstep")
+    if lockstep is not None:
+        return list(lockstep)
+    return [] if payload["state"] is None else [payload["state"]]
+
+
+def _check_same_on_all_ranks(op: SymmetricOperator, store: SLQStore, resuming: bool) -> None:
     """Under torch.distributed, refuse to go on unless every rank starts from the same point (one all-reduce)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    probe_index, iteration = run.position()
-    sha = int(run.sha[:12], 16) if (resuming and run.sha) else 0
+    probe_index, iteration = store.position()
+    sha = int(store.sha[:12], 16) if (resuming and store.sha) else 0
     device = op.devices[0] if op.devices[0].type != "meta" else torch.device("cpu")
     mine = torch.tensor([int(resuming), probe_index, iteration, sha], dtype=torch.int64, device=device)
     low, high = mine.clone(), mine.clone()
@@ -453,8 +625,8 @@ def _check_same_on_all_ranks(op: SymmetricOperator, run: _Run, resuming: bool) -
     if not torch.equal(low, high):
         raise CheckpointError(
             f"the ranks would start from different points (rank {dist.get_rank()}: resuming={bool(resuming)}, probe "
-            f"{probe_index}, iteration {iteration}): the run folder {run.run_dir} must be on a file system every rank "
-            "sees")
+            f"{probe_index}, iteration {iteration}): the run folder {store.run_dir} must be on a file system every "
+            "rank sees")
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -472,146 +644,9 @@ def load_slq_result(run_dir: str | Path) -> SLQResult:
     config = runs.load_config(run_dir)
     if config is None or not (run_dir / runs.RITZ_FILE).exists() or not (run_dir / CHECKPOINT_FILE).exists():
         raise FileNotFoundError(f"{run_dir} holds no finished SLQ run (config.json, checkpoint.pt and ritz.csv)")
-    run = _Run(op=None, run_dir=run_dir, config=config, is_writer=False)  # type: ignore[arg-type]
-    payload = run._verified_payload()
+    store = SLQStore(op=None, run_dir=run_dir, config=config, is_writer=False)
+    payload = store._verified_payload()
     finished = [_result_from_dict(d) for d in payload["finished"]]
-    if len(finished) != config["num_probes"] or payload["state"] is not None:
+    if len(finished) != config["num_probes"] or _in_flight(payload):
         raise CheckpointError(f"{run_dir}: ritz.csv is present but the checkpoint holds an unfinished run")
     return stack_runs(finished, config["num_iters"], config["dim"], config["seed"], config["probe"], config["reorth"])
-
-
-def run_slq(
-    op: SymmetricOperator,
-    num_iters: int,
-    num_probes: int,
-    run_dir: str | Path,
-    reorth: str = "full",
-    seed: int = 0,
-    probe: str = "rademacher",
-    checkpoint_every: int = 10,
-    config: dict[str, Any] | None = None,
-    progress: bool = True,
-    is_writer: bool | None = None,
-    record: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
-) -> SLQResult:
-    """Stochastic Lanczos quadrature in a run folder, checkpointed and resumable (module docstring).
-
-    Same numbers as :func:`~hess_utils.algorithms.slq.slq` with the same arguments, bit for bit on a
-    deterministic operator, whether or not the run was interrupted and resumed.
-
-    Parameters
-    ----------
-    op : SymmetricOperator
-        The operator (e.g. :func:`~hess_utils.operators.hessian.hessian_operator`, or an engine's).
-    num_iters, num_probes, reorth, seed, probe
-        As in :func:`~hess_utils.algorithms.slq.slq`: probe ``p`` starts from
-        ``op.random_vector(probe, seed * 1_000_003 + p)``.
-    run_dir : path
-        The run folder (created if needed).
-    checkpoint_every : int
-        Save every this many Lanczos iterations of a probe (``iteration % checkpoint_every == 0``), and at the
-        end of every probe; 0 saves only at the end of probes. A save writes the basis rows added since the
-        last one (``reorth != "none"``, about ``checkpoint_every * dim`` numbers) and two vectors otherwise.
-    config : dict, optional
-        The caller's description of the run (model, data, method, engine, ...), JSON-serialisable; stored in
-        ``config.json`` with the run parameters (:func:`slq_config`) and compared on a re-run.
-    progress : bool
-        Show a progress bar (on the writer only).
-    is_writer : bool, optional
-        Whether this process writes files; default: rank 0 under torch.distributed, else True.
-    record : dict or callable, optional
-        Extra fields for ``run.json`` (model, data, loss, ...). A callable is called on *every* rank once the
-        iterations are done, so it may run collectives (e.g. ``op.loss()`` of a data-parallel operator).
-
-    Returns
-    -------
-    SLQResult
-
-    Raises
-    ------
-    ValueError
-        For a run folder holding another run (every differing key named) or invalid arguments.
-    CheckpointError
-        For a checkpoint that fails verification (truncated, corrupted, unreadable); nothing is recomputed.
-    """
-    num_iters = check_count("num_iters", num_iters)
-    num_probes = check_count("num_probes", num_probes)
-    seed = check_seed(seed)
-    checkpoint_every = check_count("checkpoint_every", checkpoint_every, minimum=0)
-    is_writer = _default_writer() if is_writer is None else bool(is_writer)
-    run_dir = Path(run_dir)
-    full_config = slq_config(op, num_iters, num_probes, reorth, seed, probe, config)
-    if is_writer:
-        _clean_stale_temporaries(run_dir)
-    finished_run = check_run_folder(run_dir, full_config, runs.RITZ_FILE, is_writer)
-    if finished_run:
-        result = load_slq_result(run_dir)
-        if is_writer:
-            print(f"{run_dir} holds this finished run: loaded its result, nothing recomputed", flush=True)
-        return result
-
-    run = _Run(op, run_dir, full_config, is_writer)
-    resuming = run.checkpoint_path.exists()
-    if resuming:
-        run.load()
-    _check_same_on_all_ranks(op, run, resuming)
-    if resuming and is_writer:
-        probe_index, iteration = run.position()
-        print(f"resuming {run_dir} at probe {probe_index}, iteration {iteration} ({run.products} products done)",
-              flush=True)
-
-    done = sum(r.num_iters for r in run.finished) + (run.state.iteration if run.state is not None else 0)
-    skipped = sum(num_iters - r.num_iters for r in run.finished)  # probes cut short by a breakdown
-    with progress_bar(total=num_probes * num_iters, initial=done + skipped, desc="slq",
-                      disable=not (progress and is_writer), dynamic_ncols=True) as bar:
-        for p in range(len(run.finished), num_probes):
-            if run.state is None:
-                run.state = lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe)
-                run.chunks, run.rows_saved = [], 0
-            state = run.state
-            set_postfix(bar, f"probe {p + 1}/{num_probes}")
-            while not state.done:
-                lanczos_step(op, state)
-                run.products += 1
-                run.session["products"] += 1
-                bar.update(1)
-                if checkpoint_every and state.iteration % checkpoint_every == 0 and not state.done:
-                    run.save()
-            bar.update(num_iters - state.iteration)
-            run.finished.append(lanczos_finish(state))
-            run.state, run.chunks, run.rows_saved = None, [], 0
-            run.save()  # small: no basis, the probe's result only
-
-    result = stack_runs(run.finished, num_iters, op.dim, seed, probe, reorth)
-    extra = record() if callable(record) else dict(record or {})
-    if is_writer:
-        _write_results(run, result, extra)
-    return result
-
-
-def _write_results(run: _Run, result: SLQResult, extra: dict[str, Any]) -> None:
-    """The result tables and ``run.json``; ``ritz.csv`` last, since its presence marks a finished run."""
-    density = runs.save_slq_tables(run.run_dir, result)
-    sessions = [*run.sessions, run._session_record()]
-    compute_s = run.elapsed_total()
-    fields = dict(
-        kind="slq",
-        config=run.config,
-        dim=result.dim,
-        num_iters=result.num_iters,
-        num_probes=result.num_probes,
-        reorth=result.reorth,
-        seed=result.seed,
-        probe=result.probe,
-        iterations=[int(k) for k in result.iterations],
-        largest_ritz_value=float(max(r.ritz_values.max() for r in result.runs)),
-        smallest_ritz_value=float(min(r.ritz_values.min() for r in result.runs)),
-        density=density,
-        timings={**dict(extra.get("timings", {})), "slq_compute_s": compute_s, "matvecs": run.products,
-                 "s_per_matvec": compute_s / run.products if run.products else None, "sessions": sessions},
-        files={"ritz": runs.RITZ_FILE, "tridiagonal": runs.TRIDIAGONAL_FILE, "probes": runs.PROBES_FILE,
-               "density": density.get("file"), "config": runs.CONFIG_FILE, "checkpoint": CHECKPOINT_FILE},
-    )
-    record = runs.provenance(**{**extra, **fields})
-    runs.save_run_json(run.run_dir, record)
-    runs.save_ritz_table(run.run_dir, runs.ritz_frame(result))

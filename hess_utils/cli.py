@@ -32,6 +32,7 @@ METHODS = ("auto", "rev-rev", "fwd-rev", "fd")
 DISTRIBUTED_ENGINES = ("ddp", "fsdp")
 EIGS_WHICH = ("LA", "SA", "LM", "BE")  # hess_utils.algorithms.eigsh.WHICH, spelt out to keep --help import-free
 SOLVERS = ("cg", "minres")  # hess_utils.algorithms.solve.METHODS
+EIGS_CHECKPOINT_DIR = "eigsh"  # eigs' checkpoint folder inside its run folder
 
 ENGINE_HELP = """\
 engines:
@@ -77,7 +78,10 @@ run folder (--out) of eigs:
                       (most wanted first) and its share ||P_j g||^2/||g||^2 in the span of the first j
   run.json            provenance (model, data, seed, versions, git commit, devices), the eigsh summary, timings
   eigenpairs.csv      index,eigenvalue,residual,relative_residual,converged: ascending (written last)
-Re-running the same command into a finished folder prints so and recomputes nothing.
+  eigsh/              the checkpoint: config.json, checkpoint.json (sha256 of the current state), the state at the
+                      last saved restart (basis rows, T, b, counters) or, once done, the result
+Re-running the same command resumes an interrupted run from its last saved restart (same numbers as an
+uninterrupted run); into a finished folder it prints so and recomputes nothing.
 """
 
 SOLVE_HELP = """\
@@ -204,6 +208,9 @@ def _add_eigs_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-products", type=int, default=None,
                    help="products with H allowed in the iteration; running out writes the pairs reached, flagged "
                         "converged=False (default: max(1000, 50 * basis size))")
+    s.add_argument("--checkpoint-every", type=int, default=1,
+                   help="save the Lanczos state in the run folder's eigsh/ every this many thick restarts, so a "
+                        "re-run of the same command resumes; 0: only the result (default: %(default)s)")
 
 
 def _solver_not_method(value: str) -> str:
@@ -620,6 +627,7 @@ def run_spectrum(args: argparse.Namespace) -> Path:
     resumed from its last checkpoint.
     """
     from hess_utils import checkpoint
+    from hess_utils.algorithms.slq import slq
 
     out, config, done = _run_folder(args, "ritz.csv")
     if done:
@@ -630,10 +638,10 @@ def run_spectrum(args: argparse.Namespace) -> Path:
         _describe(args, setup)
         gradient_s = gradient_seconds(op)
         t1 = time.perf_counter()
-        result = checkpoint.run_slq(
-            op, num_iters=args.num_iters, num_probes=args.probes, run_dir=out, reorth=args.reorth, seed=args.seed,
-            probe=args.probe_kind, checkpoint_every=args.checkpoint_every, config=config,
-            progress=not args.no_progress,
+        result = slq(
+            op, num_iters=args.num_iters, num_probes=args.probes, reorth=args.reorth, seed=args.seed,
+            probe=args.probe_kind, progress=not args.no_progress, checkpoint_dir=out,
+            checkpoint_every=args.checkpoint_every, config=config,
             record=lambda: {**_record(args, setup), "timings": product_timings(op, gradient_s, setup.load_s)},
         )
         elapsed = time.perf_counter() - t1
@@ -757,7 +765,8 @@ def run_eigs(args: argparse.Namespace) -> Path:
 
     The eigenpairs are :func:`hess_utils.algorithms.eigsh.eigsh` of the command's operator with ``--seed`` as
     its seed, so the same call in Python gives the same numbers. The gradient for the overlaps is the loss
-    gradient on the same batches. A finished folder for the same options is returned at once.
+    gradient on the same batches. A finished folder for the same options is returned at once; an interrupted
+    one resumes from the checkpoint in ``out/eigsh/`` (same numbers as an uninterrupted run).
     """
     import pandas as pd
 
@@ -778,8 +787,10 @@ def run_eigs(args: argparse.Namespace) -> Path:
         gradient_s = gradient_seconds(op)
         gradient = op.gradient()  # collective under ddp/fsdp: every rank takes it
         t1 = time.perf_counter()
+        # Checkpointed in out/eigsh/: an interrupted run resumes from its last restart when re-run.
         result = eigsh(op, k=args.k, which=args.which, tol=args.tol, max_products=args.max_products, seed=args.seed,
-                       progress=not args.no_progress and writer)
+                       progress=not args.no_progress and writer, checkpoint_dir=out / EIGS_CHECKPOINT_DIR,
+                       checkpoint_every=args.checkpoint_every, checkpoint_config={"run": full}, is_writer=writer)
         compute_s = time.perf_counter() - t1
         record = _record(args, setup)
         if writer:

@@ -1,6 +1,6 @@
 """Run folders: results with their provenance, written atomically, re-plottable without recomputing.
 
-A spectrum run folder (written by :func:`hess_utils.checkpoint.run_slq`) holds
+A spectrum run folder (written by :func:`hess_utils.algorithms.slq.slq` given ``checkpoint_dir``) holds
 
 ``config.json``
     The parameters that define the result (see :func:`hess_utils.checkpoint.slq_config`).

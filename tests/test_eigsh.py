@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 
 import numpy as np
 import pytest
@@ -253,19 +254,200 @@ def model_hessian():
     return hessian_operator(model, batches, method="rev-rev"), H
 
 
-@pytest.mark.parametrize("which", ["LA", "SA"])
+@pytest.mark.parametrize("which", WHICH)
 def test_extreme_eigenpairs_of_model_hessian(model_hessian, which):
+    """Top-5 / bottom-5 (and LM, BE) of a float64 model Hessian against eigh of the independent dense oracle.
+
+    The oracle (:func:`tests.tiny.dense_hessian`) is ``jacrev(grad(L))`` of a loss written apart from the
+    package. The wanted eigenvalues here are all at least 2.6 in magnitude (the spectrum spans about
+    [-6, 11.5]), so each is checked to 1e-10 relative to itself, and eigenvectors whose eigenvalue is
+    separated from the rest of the spectrum (gap above 1e-2 ||H||) to 1e-8 up to sign.
+    """
     op, H = model_hessian
     values, vectors = torch.linalg.eigh(H)
+    values_np = values.numpy()
     result = eigsh(op, k=5, which=which, tol=1e-10, progress=False)
-    idx = list(range(op.dim - 5, op.dim)) if which == "LA" else list(range(5))
+    idx = reference_indices(values_np, which, 5)
     radius = float(values.abs().max())
-    assert np.abs(result.eigenvalues - values[idx].numpy()).max() <= 1e-10 * radius
+    expected = values_np[idx]
+    assert np.abs(expected).min() > 1.0  # relative errors of eigenvalues far from 0
+    assert np.abs(result.eigenvalues - expected).max() <= 1e-10 * radius
+    assert (np.abs(result.eigenvalues - expected) / np.abs(expected)).max() <= 1e-10
     assert result.converged.all()
+    separated = 0
     for j, i in enumerate(idx):
-        x, u = flat(result.eigenvectors[j]), vectors[:, i]
-        assert min(float((x - u).norm()), float((x + u).norm())) < 1e-8
         assert [tuple(b.shape) for b in result.eigenvectors[j]] == [tuple(s) for s in op.shapes]
+        gap = np.min(np.abs(np.delete(values_np, i) - values_np[i]))
+        if gap > 1e-2 * radius:
+            separated += 1
+            x, u = flat(result.eigenvectors[j]), vectors[:, i]
+            assert min(float((x - u).norm()), float((x + u).norm())) < 1e-8
+    assert separated >= 3  # the check is not vacuous: most of the wanted eigenvalues are separated
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+class Interrupted(Exception):
+    """Raised by a callback to stop a run, as a kill would (the checkpoint folder keeps its last state)."""
+
+
+def _stop_after(restarts: int):
+    def callback(state):
+        if state.num_restarts >= restarts:
+            raise Interrupted
+
+    return callback
+
+
+def _assert_same_result(a: EigshResult, b: EigshResult) -> None:
+    """Bit for bit: same values, residuals, flags, counters and eigenvector entries."""
+    assert np.array_equal(a.eigenvalues, b.eigenvalues)
+    assert np.array_equal(a.residuals, b.residuals)
+    assert np.array_equal(a.converged, b.converged)
+    assert (a.scale, a.tol, a.which, a.num_products, a.num_restarts, a.num_multiplicity_checks, a.basis_size,
+            a.seed) == (b.scale, b.tol, b.which, b.num_products, b.num_restarts, b.num_multiplicity_checks,
+                        b.basis_size, b.seed)
+    for x, y in zip(a.eigenvectors, b.eigenvectors, strict=True):
+        assert all(torch.equal(bx, by) for bx, by in zip(x, y, strict=True))
+
+
+def _products(op) -> int:
+    return len(op.product_seconds)
+
+
+@pytest.mark.parametrize(("which", "stops"), [("LA", (3,)), ("BE", (2, 9)), ("SA", (12,))])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, which, stops):
+    """Repeated eigenvalues and a small basis: many restarts, a multiplicity check (locking, random draws).
+
+    On a CPU dense operator the products are deterministic, and the saved state holds every bit the next
+    iteration reads (basis rows, T, b, r, counters, draws), so the resumed result is bitwise equal; the
+    stops fall before, inside and after the multiplicity checks.
+    """
+    A = symmetric_with_eigenvalues(SPECTRA["repeated"], seed=3)
+    op = as_operator(A)
+    kwargs = dict(k=5, which=which, tol=1e-10, num_extra=3, progress=False)
+    reference = eigsh(op, **kwargs)
+    assert reference.num_multiplicity_checks >= 1 and reference.num_restarts > max(stops)
+    folder = tmp_path / "eigsh"
+    for stop in stops:
+        with pytest.raises(Interrupted):
+            eigsh(op, **kwargs, checkpoint_dir=folder, callback=_stop_after(stop))
+        pointer = json.loads((folder / "checkpoint.json").read_text())
+        assert not pointer["finished"] and pointer["num_restarts"] == stop
+        assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "config.json", pointer["folder"]]
+    before = _products(op)
+    resumed = eigsh(op, **kwargs, checkpoint_dir=folder)
+    # Only the products after the last saved restart were computed again.
+    assert _products(op) - before == reference.num_products - pointer["num_products"]
+    _assert_same_result(resumed, reference)
+    # Finished: the saved result, no product; the states are gone, only the result is kept.
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "config.json", "result"]
+    before = _products(op)
+    again = eigsh(op, **kwargs, checkpoint_dir=folder)
+    assert _products(op) == before
+    _assert_same_result(again, reference)
+    assert again.eigenvectors[0][0].shape == (N,)
+
+
+def test_checkpoint_every_and_an_uninterrupted_checkpointed_run(tmp_path):
+    A = symmetric_with_eigenvalues(SPECTRA["separated"], seed=3)
+    op = as_operator(A)
+    kwargs = dict(k=4, which="LA", tol=1e-10, num_extra=3, progress=False)
+    reference = eigsh(op, **kwargs)
+    assert reference.converged.all() and reference.num_restarts > 10
+    saved = []
+
+    def record(state):
+        pointer = tmp_path / "every3" / "checkpoint.json"
+        if pointer.exists():
+            saved.append(json.loads(pointer.read_text())["num_restarts"])
+        if state.num_restarts >= 10:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        eigsh(op, **kwargs, checkpoint_dir=tmp_path / "every3", checkpoint_every=3, callback=record)
+    assert sorted(set(saved)) == [3, 6, 9]
+    _assert_same_result(eigsh(op, **kwargs, checkpoint_dir=tmp_path / "every3", checkpoint_every=3), reference)
+    _assert_same_result(eigsh(op, **kwargs, checkpoint_dir=tmp_path / "plain"), reference)
+    # 0: only the result is saved, and it is returned on a re-run.
+    _assert_same_result(eigsh(op, **kwargs, checkpoint_dir=tmp_path / "end", checkpoint_every=0), reference)
+    assert not list((tmp_path / "end").glob("state-*"))
+
+
+def test_model_hessian_resumes_bitwise(tmp_path, model_hessian):
+    """The same on a model's exact (rev-rev) float64 Hessian, blocks of many shapes."""
+    op, _ = model_hessian
+    kwargs = dict(k=3, which="SA", tol=1e-10, num_extra=4, progress=False)
+    reference = eigsh(op, **kwargs)
+    assert reference.num_restarts > 4
+    with pytest.raises(Interrupted):
+        eigsh(op, **kwargs, checkpoint_dir=tmp_path, callback=_stop_after(4))
+    _assert_same_result(eigsh(op, **kwargs, checkpoint_dir=tmp_path), reference)
+
+
+def test_checkpoint_of_another_run_or_operator_is_refused(tmp_path):
+    A = symmetric_with_eigenvalues(SPECTRA["separated"], seed=3)
+    kwargs = dict(k=3, tol=1e-8, progress=False)
+    folder = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        eigsh(as_operator(A), **kwargs, checkpoint_dir=folder, callback=_stop_after(1))
+    with pytest.raises(ValueError, match=rf"{folder} holds a different eigsh run: which: 'LA' \(saved\) != 'SA' "
+                                         rf"\(now\).*delete {folder} to start over"):
+        eigsh(as_operator(A), **{**kwargs, "which": "SA"}, checkpoint_dir=folder)
+    with pytest.raises(ValueError, match=r"dtype: 'float64' \(saved\) != 'float32' \(now\)"):
+        eigsh(as_operator(A.float()), **{**kwargs, "tol": 1e-5}, checkpoint_dir=folder)
+    with pytest.raises(ValueError, match=r"dim: 300 \(saved\) != 299 \(now\)"):
+        eigsh(as_operator(A[:-1, :-1].contiguous()), **kwargs, checkpoint_dir=folder)
+    same_dim = SplitOperator(A, [(100,), (200,)])  # same dimension and dtype, other blocks (parameter names)
+    with pytest.raises(ValueError, match="blocks_sha256"):
+        eigsh(same_dim, **kwargs, checkpoint_dir=folder)
+    with pytest.raises(ValueError, match="v0_sha256"):
+        eigsh(as_operator(A), **kwargs, v0=[torch.ones(N, dtype=torch.float64)], checkpoint_dir=folder)
+    with pytest.raises(Interrupted):
+        eigsh(as_operator(A), **kwargs, checkpoint_dir=tmp_path / "cfg", checkpoint_config={"model": "a"},
+              callback=_stop_after(1))
+    with pytest.raises(ValueError, match=r"model: 'a' \(saved\) != 'b' \(now\)"):
+        eigsh(as_operator(A), **kwargs, checkpoint_dir=tmp_path / "cfg", checkpoint_config={"model": "b"})
+    with pytest.raises(ValueError, match="checkpoint_config gives run parameters other values"):
+        eigsh(as_operator(A), **kwargs, checkpoint_dir=tmp_path / "x", checkpoint_config={"k": 4})
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "checkpoint.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds checkpoint.json but no config.json"):
+        eigsh(as_operator(A), **kwargs, checkpoint_dir=stray)
+
+
+def test_corrupt_checkpoint_is_refused_not_recomputed(tmp_path):
+    from hess_utils.algorithms.eigsh import EigshCheckpointError
+
+    A = symmetric_with_eigenvalues(SPECTRA["separated"], seed=3)
+    op = as_operator(A)
+    kwargs = dict(k=3, tol=1e-8, num_extra=2, progress=False)
+    with pytest.raises(Interrupted):
+        eigsh(op, **kwargs, checkpoint_dir=tmp_path, callback=_stop_after(2))
+    state = tmp_path / json.loads((tmp_path / "checkpoint.json").read_text())["folder"]
+    basis = state / "basis.bin"
+    data = bytearray(basis.read_bytes())
+    data[17] ^= 1
+    basis.write_bytes(bytes(data))
+    before = _products(op)
+    with pytest.raises(EigshCheckpointError, match=r"basis.bin is corrupt.*delete"):
+        eigsh(op, **kwargs, checkpoint_dir=tmp_path)
+    basis.write_bytes(bytes(data[:-8]))
+    with pytest.raises(EigshCheckpointError, match="truncated"):
+        eigsh(op, **kwargs, checkpoint_dir=tmp_path)
+    (state / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(EigshCheckpointError, match=r"state.pt is corrupt or truncated"):
+        eigsh(op, **kwargs, checkpoint_dir=tmp_path)
+    assert _products(op) == before
+
+
+def test_a_reader_writes_nothing(tmp_path):
+    """``is_writer=False`` (a rank other than 0): the same result, no file."""
+    A = symmetric_with_eigenvalues(SPECTRA["separated"], seed=3)
+    kwargs = dict(k=3, tol=1e-8, num_extra=2, progress=False)
+    reference = eigsh(as_operator(A), **kwargs)
+    _assert_same_result(eigsh(as_operator(A), **kwargs, checkpoint_dir=tmp_path / "r", is_writer=False), reference)
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------------------------------- the result
@@ -307,3 +489,38 @@ def test_bad_input_is_refused_with_the_fix():
         eigsh(op, v0=[torch.zeros(20, dtype=torch.float64)], progress=False)
     with pytest.raises(ValueError, match=r"shape \(19,\) but expected \(20,\)"):
         eigsh(op, v0=[torch.ones(19, dtype=torch.float64)], progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- the eigs command
+def test_eigs_command_resumes_an_interrupted_run(tmp_path, monkeypatch):
+    """``python -m hess_utils eigs ... --out DIR`` killed mid-run, then re-run: the same eigenpairs.csv as a run
+    never interrupted (the checkpoint in DIR/eigsh/), and a third run recomputes nothing."""
+    import pandas as pd
+
+    import hess_utils.algorithms.eigsh as eigsh_module
+    from hess_utils.cli import main
+
+    argv = ["eigs", "--model", "tiny-gpt2", "--data", "wiki", "--seq-len", "12", "--num-sequences", "2",
+            "--batch-size", "2", "--dtype", "float64", "--seed", "1", "--params",
+            "transformer.h.0.attn.c_proj.*,transformer.h.0.ln_*", "--no-progress", "--k", "3", "--tol", "1e-10"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    real = eigsh_module.eigsh
+
+    def killed_at_restart_2(*args, **kwargs):
+        def callback(state):
+            if state.num_restarts >= 2:
+                raise KeyboardInterrupt  # what Ctrl-C raises
+        return real(*args, **kwargs, callback=callback)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(eigsh_module, "eigsh", killed_at_restart_2)
+    assert main([*argv, "--out", str(out)]) == 130
+    assert not (out / "eigenpairs.csv").exists()
+    assert json.loads((out / "eigsh" / "checkpoint.json").read_text())["num_restarts"] == 2
+    monkeypatch.setattr(eigsh_module, "eigsh", real)
+    assert main([*argv, "--out", str(out)]) == 0
+    expected = pd.read_csv(tmp_path / "plain" / "eigenpairs.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(out / "eigenpairs.csv"), expected, check_exact=True)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main([*argv, "--out", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps

@@ -17,7 +17,6 @@ import torch
 
 from hess_utils import vectors as V
 from hess_utils.algorithms import lanczos, lanczos_init, lanczos_resume, lanczos_step, slq
-from hess_utils.checkpoint import run_slq
 from hess_utils.operators import as_operator
 from hess_utils.operators.base import SymmetricOperator
 from hess_utils.operators.hessian import hessian_operator
@@ -247,10 +246,10 @@ def test_checkpointed_partial_run_resumes_bit_for_bit(tmp_path):
         iters, probes = 40, 2
         ref = slq(op, iters, probes, reorth="partial", seed=4, progress=False)
         with pytest.raises(KeyboardInterrupt):  # in probe 1 at iteration 23; last checkpoint at 20
-            run_slq(Interrupting(op, iters + 23), iters, probes, tmp_path, reorth="partial", seed=4,
-                    checkpoint_every=5, progress=False)
-        resumed = run_slq(op, iters, probes, tmp_path, reorth="partial", seed=4, checkpoint_every=5,
-                          progress=False)
+            slq(Interrupting(op, iters + 23), iters, probes, checkpoint_dir=tmp_path, reorth="partial", seed=4,
+                checkpoint_every=5, progress=False)
+        resumed = slq(op, iters, probes, checkpoint_dir=tmp_path, reorth="partial", seed=4, checkpoint_every=5,
+                      progress=False)
     finally:
         torch.set_num_threads(before)
     assert ref.runs[1].reorth_steps and min(ref.runs[1].reorth_steps) < 20 < max(ref.runs[1].reorth_steps)

@@ -20,7 +20,7 @@ import torch
 
 from hess_utils import runs
 from hess_utils.algorithms import slq
-from hess_utils.checkpoint import CheckpointError, load_slq_result, run_slq
+from hess_utils.checkpoint import CheckpointError, load_slq_result
 from hess_utils.operators.base import SymmetricOperator
 from hess_utils.operators.hessian import hessian_operator
 from tests.tiny import tiny_batches, tiny_model
@@ -68,19 +68,19 @@ def _same_tridiagonals(a, b) -> None:
 def _interrupted_then_resumed(op, run_dir: Path, stop_at: int, reorth: str, **kw):
     wrapped = Interrupting(op, stop_at)
     with pytest.raises(KeyboardInterrupt):
-        run_slq(wrapped, ITERS, PROBES, run_dir, reorth=reorth, seed=SEED, progress=False, **kw)
+        slq(wrapped, ITERS, PROBES, checkpoint_dir=run_dir, reorth=reorth, seed=SEED, progress=False, **kw)
     resumed = Interrupting(op)
-    result = run_slq(resumed, ITERS, PROBES, run_dir, reorth=reorth, seed=SEED, progress=False, **kw)
+    result = slq(resumed, ITERS, PROBES, checkpoint_dir=run_dir, reorth=reorth, seed=SEED, progress=False, **kw)
     return result, resumed.count
 
 
 # ---------------------------------------------------------------------------------------------- equality
 @pytest.mark.parametrize("reorth", ["full", "offload", "none"])
-def test_run_slq_equals_slq_and_resume_is_bit_identical(tmp_path, reorth):
+def test_checkpointed_slq_equals_slq_and_resume_is_bit_identical(tmp_path, reorth):
     op = _operator()
     ref = slq(op, ITERS, PROBES, reorth=reorth, seed=SEED, progress=False)
-    straight = run_slq(op, ITERS, PROBES, tmp_path / "straight", reorth=reorth, seed=SEED, checkpoint_every=4,
-                       progress=False)
+    straight = slq(op, ITERS, PROBES, reorth=reorth, seed=SEED, progress=False, checkpoint_dir=tmp_path / "straight",
+                   checkpoint_every=4)
     _same_tridiagonals(straight, ref)
     # Interrupt in probe 1 at iteration 9 (last checkpoint at iteration 8): 7 + 1 products are redone.
     stop_at = ITERS + 9
@@ -92,6 +92,82 @@ def test_run_slq_equals_slq_and_resume_is_bit_identical(tmp_path, reorth):
     sessions = record["timings"]["sessions"]
     assert len(sessions) == 2 and sessions[1]["resumed_at"] == {"probe": 1, "iteration": 8}
     assert record["timings"]["matvecs"] == PROBES * ITERS
+
+
+_RESULT_ARRAYS = ("ritz_values", "ritz_weights", "ghost_masks", "residual_estimates", "alphas", "betas", "iterations")
+
+
+def _same_results(a, b) -> None:
+    for name in _RESULT_ARRAYS:
+        assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
+    assert (a.num_iters, a.num_probes, a.dim, a.seed, a.probe, a.reorth) == (
+        b.num_iters, b.num_probes, b.dim, b.seed, b.probe, b.reorth)
+
+
+@pytest.mark.parametrize(("reorth", "probes_at_once"), [("full", 1), ("none", 1), ("full", 3)])
+def test_slq_with_checkpoint_dir_returns_the_same_ritz_values_and_weights(tmp_path, reorth, probes_at_once):
+    """One driver: a run folder changes where the state goes, not a single number of the result."""
+    op = _operator()
+    plain = slq(op, ITERS, PROBES, reorth=reorth, seed=SEED, progress=False, probes_at_once=probes_at_once)
+    saved = slq(op, ITERS, PROBES, reorth=reorth, seed=SEED, progress=False, probes_at_once=probes_at_once,
+                checkpoint_dir=tmp_path, checkpoint_every=4)
+    _same_results(saved, plain)
+    _same_results(load_slq_result(tmp_path), plain)  # what the folder holds
+    frame, _ = runs.load_run(tmp_path)
+    assert np.array_equal(frame["value"].to_numpy(), plain.ritz_values.reshape(-1))
+    assert np.array_equal(frame["weight"].to_numpy(), plain.ritz_weights.reshape(-1))
+    assert not (tmp_path / "basis").exists() or not any((tmp_path / "basis").iterdir())
+
+
+def test_run_folder_options_without_a_folder_are_refused():
+    op = _operator()
+    with pytest.raises(ValueError, match="config.*checkpoint_dir"):
+        slq(op, 3, 1, progress=False, config={"model": "tiny"})
+    with pytest.raises(ValueError, match="record.*checkpoint_dir"):
+        slq(op, 3, 1, progress=False, record={"loss": 1.0})
+
+
+def test_bad_arguments_write_no_run_folder(tmp_path):
+    with pytest.raises(ValueError, match="unknown reorth"):
+        slq(_operator(), 5, 1, reorth="nope", progress=False, checkpoint_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def _hadamard_operator() -> SymmetricOperator:
+    """8 x 8, eigenvectors two 4 x 4 Hadamard blocks: a Rademacher probe that is (plus or minus) a Hadamard
+    vector of a block has one non-zero projection there, any other has four, so the Krylov spaces of the probes
+    have dimension 2, 5 or 8 and a lockstep group breaks down probe by probe."""
+    from hess_utils.operators import as_operator
+
+    h = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64) / 2
+    q = torch.block_diag(h, h)
+    eigenvalues = torch.tensor([3.0, 1.0, -0.5, 2.0, 0.25, -1.5, 4.0, 0.75], dtype=torch.float64)
+    return Interrupting(as_operator(q @ torch.diag(eigenvalues) @ q.T))
+
+
+@pytest.mark.parametrize(("every", "stop_at", "redone", "again"), [(1, 13, 3, 3), (3, 11, 7, 1)])
+def test_lockstep_group_checkpoint_resumes_bit_for_bit(tmp_path, every, stop_at, redone, again):
+    """Probes advancing together are checkpointed as a group, one that broke down early by its result.
+
+    Seed 3: probes 0, 1, 2 break down after 5, 8 and 2 iterations; probe 3 runs in a second group. Products
+    of the group: 3 per step for steps 1-2, 2 for steps 3-5, 1 for steps 6-8 (16 in all). Resumed with
+    ``probes_at_once=again``: the group in flight continues as it started, the later probes follow ``again``.
+    """
+    iters, probes, seed = 8, 4, 3
+    ref = slq(_hadamard_operator(), iters, probes, seed=seed, progress=False, probes_at_once=3)
+    assert ref.iterations[:3].tolist() == [5, 8, 2]
+    with pytest.raises(KeyboardInterrupt):
+        slq(Interrupting(_hadamard_operator(), stop_at), iters, probes, seed=seed, progress=False, probes_at_once=3,
+            checkpoint_dir=tmp_path, checkpoint_every=every)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["state"] is None and len(saved["lockstep"]) == 3
+    assert "result" in saved["lockstep"][2]  # probe 2 broke down at step 2, before every checkpoint
+    resumed_op = _hadamard_operator()
+    resumed = slq(resumed_op, iters, probes, seed=seed, progress=False, probes_at_once=again,
+                  checkpoint_dir=tmp_path, checkpoint_every=every)
+    assert resumed_op.count == redone + ref.iterations[3]
+    _same_results(resumed, ref)
+    assert sorted(p.name for p in (tmp_path / "basis").iterdir()) == []
 
 
 def test_checkpoint_every_zero_saves_after_probes_only(tmp_path):
@@ -108,7 +184,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, {repo!r})
-    from hess_utils.checkpoint import run_slq
+    from hess_utils.algorithms import slq
     from hess_utils.operators.hessian import hessian_operator
     from tests.tiny import tiny_batches, tiny_model
 
@@ -119,7 +195,8 @@ _KILL_SCRIPT = textwrap.dedent("""
         time.sleep(delay)
         return inner(v)
     op._matvec = slow
-    run_slq(op, 30, 3, run_dir, reorth="full", seed=5, checkpoint_every=4, progress=False, config={{"test": "kill"}})
+    slq(op, 30, 3, reorth="full", seed=5, progress=False, checkpoint_dir=run_dir, checkpoint_every=4,
+        config={{"test": "kill"}})
 """)
 
 
@@ -176,34 +253,35 @@ def test_sigkill_mid_run_then_resume_gives_the_same_tridiagonal(tmp_path):
 def test_changed_parameters_are_refused_naming_each_mismatch(tmp_path):
     op = _operator()
     with pytest.raises(KeyboardInterrupt):
-        run_slq(Interrupting(op, 6), ITERS, PROBES, tmp_path, seed=SEED, checkpoint_every=2, progress=False,
-                config={"model": "tiny-gpt2"})
+        slq(Interrupting(op, 6), ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, checkpoint_every=2, progress=False,
+            config={"model": "tiny-gpt2"})
     with pytest.raises(ValueError) as err:
-        run_slq(op, ITERS + 1, PROBES, tmp_path, seed=SEED + 1, checkpoint_every=2, progress=False,
-                config={"model": "tiny-llama"})
+        slq(op, ITERS + 1, PROBES, checkpoint_dir=tmp_path, seed=SEED + 1, checkpoint_every=2, progress=False,
+            config={"model": "tiny-llama"})
     message = str(err.value)
     assert f"num_iters: {ITERS} (saved) != {ITERS + 1} (now)" in message
     assert f"seed: {SEED} (saved) != {SEED + 1} (now)" in message
     assert "model: 'tiny-gpt2' (saved) != 'tiny-llama' (now)" in message
     assert "--out" in message and "delete" in message
     # The folder is untouched and still resumes with the original parameters.
-    result = run_slq(op, ITERS, PROBES, tmp_path, seed=SEED, checkpoint_every=2, progress=False,
-                     config={"model": "tiny-gpt2"})
+    result = slq(op, ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, checkpoint_every=2, progress=False,
+                 config={"model": "tiny-gpt2"})
     _same_tridiagonals(result, slq(op, ITERS, PROBES, seed=SEED, progress=False))
 
 
 def test_another_operator_is_refused(tmp_path):
-    run_slq(_operator(), 5, 1, tmp_path, progress=False)
+    slq(_operator(), 5, 1, checkpoint_dir=tmp_path, progress=False)
     other = hessian_operator(tiny_model("gpt2"), tiny_batches(num_batches=3, pad=True), params="transformer.h.*",
                              method="rev-rev")
     with pytest.raises(ValueError) as err:
-        run_slq(other, 5, 1, tmp_path, progress=False)
+        slq(other, 5, 1, checkpoint_dir=tmp_path, progress=False)
     assert f"dim: 1208 (saved) != {other.dim} (now)" in str(err.value) and "blocks_sha256" in str(err.value)
 
 
 def _partial_run(op, run_dir: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
-        run_slq(Interrupting(op, ITERS + 7), ITERS, PROBES, run_dir, seed=SEED, checkpoint_every=3, progress=False)
+        slq(Interrupting(op, ITERS + 7), ITERS, PROBES, seed=SEED, progress=False, checkpoint_dir=run_dir,
+            checkpoint_every=3)
     assert (run_dir / "checkpoint.pt").exists()
 
 
@@ -224,7 +302,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path, damage):
         chunk = sorted((tmp_path / "basis").iterdir())[-1]
         chunk.write_bytes(chunk.read_bytes()[:-8])
     with pytest.raises(CheckpointError) as err:
-        run_slq(Interrupting(op, 1), ITERS, PROBES, tmp_path, seed=SEED, checkpoint_every=3, progress=False)
+        slq(Interrupting(op, 1), ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, checkpoint_every=3, progress=False)
     assert "delete" in str(err.value)
     assert isinstance(err.value, ValueError)
 
@@ -233,28 +311,29 @@ def test_kill_between_sidecar_and_checkpoint_rename_is_recoverable(tmp_path):
     """The sidecar is renamed first and accepts the checkpoint it replaces: a kill between the two is harmless."""
     op = _operator()
     with pytest.raises(KeyboardInterrupt):  # checkpoints at iterations 3 and 6 of probe 1
-        run_slq(Interrupting(op, ITERS + 7), ITERS, PROBES, tmp_path, seed=SEED, checkpoint_every=3, progress=False)
+        slq(Interrupting(op, ITERS + 7), ITERS, PROBES, seed=SEED, progress=False, checkpoint_dir=tmp_path,
+            checkpoint_every=3)
     old = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(KeyboardInterrupt):  # resumes at 6, saves at 9, stops at 10
-        run_slq(Interrupting(op, 5), ITERS, PROBES, tmp_path, seed=SEED, checkpoint_every=3, progress=False)
+        slq(Interrupting(op, 5), ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, checkpoint_every=3, progress=False)
     (tmp_path / "checkpoint.pt").write_bytes(old)  # as if killed after the sidecar's rename, before the checkpoint's
-    result = run_slq(op, ITERS, PROBES, tmp_path, seed=SEED, checkpoint_every=3, progress=False)
+    result = slq(op, ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, checkpoint_every=3, progress=False)
     _same_tridiagonals(result, slq(op, ITERS, PROBES, seed=SEED, progress=False))
 
 
 def test_folder_with_results_but_no_config_is_refused(tmp_path):
     (tmp_path / "ritz.csv").write_text("probe,value,weight\n0,1.0,1.0\n")
     with pytest.raises(ValueError, match="no config.json"):
-        run_slq(_operator(), 5, 1, tmp_path, progress=False)
+        slq(_operator(), 5, 1, checkpoint_dir=tmp_path, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- finished runs
 def test_finished_run_is_returned_without_recomputing(tmp_path, capsys):
     op = _operator()
-    first = run_slq(op, ITERS, PROBES, tmp_path, seed=SEED, progress=False)
+    first = slq(op, ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, progress=False)
     capsys.readouterr()
     never = Interrupting(op, stop_at=1)  # any product raises
-    again = run_slq(never, ITERS, PROBES, tmp_path, seed=SEED, progress=False)
+    again = slq(never, ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, progress=False)
     assert never.count == 0
     assert "nothing recomputed" in capsys.readouterr().out
     _same_tridiagonals(again, first)
@@ -265,9 +344,9 @@ def test_run_folder_files_reload_and_replot(tmp_path):
     from hess_utils.plotting import plot_spectrum_run
 
     op = _operator()
-    result = run_slq(op, ITERS, 2, tmp_path, seed=SEED, progress=False,
-                     record=lambda: {"model": "tiny", "data": "tiny", "num_tokens": op.num_tokens, "method": op.method,
-                                     "loss": op.loss()})
+    result = slq(op, ITERS, 2, checkpoint_dir=tmp_path, seed=SEED, progress=False,
+                 record=lambda: {"model": "tiny", "data": "tiny", "num_tokens": op.num_tokens, "method": op.method,
+                                 "loss": op.loss()})
     names = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "checkpoint.pt", "checkpoint.json", "ritz.csv", "tridiagonal.csv", "probes.csv",
             "density.csv", "run.json"} <= names
@@ -305,15 +384,16 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         op = DataParallelHessianOperator(tiny_model("gpt2"), tiny_batches(num_batches=3, pad=True), method="rev-rev")
-        straight = run_slq(op, ITERS, PROBES, Path(out_dir) / "straight", seed=SEED, checkpoint_every=4,
-                           progress=False)
+        straight = slq(op, ITERS, PROBES, checkpoint_dir=Path(out_dir) / "straight", seed=SEED, checkpoint_every=4,
+                       progress=False)
         try:  # every rank is interrupted at the same product, as a job killed as a whole
-            run_slq(Interrupting(op, ITERS + 10), ITERS, PROBES, Path(out_dir) / "resumed", seed=SEED,
-                    checkpoint_every=4, progress=False)
+            slq(Interrupting(op, ITERS + 10), ITERS, PROBES, checkpoint_dir=Path(out_dir) / "resumed", seed=SEED,
+                checkpoint_every=4, progress=False)
         except KeyboardInterrupt:
             pass
         dist.barrier()
-        resumed = run_slq(op, ITERS, PROBES, Path(out_dir) / "resumed", seed=SEED, checkpoint_every=4, progress=False)
+        resumed = slq(op, ITERS, PROBES, seed=SEED, progress=False, checkpoint_dir=Path(out_dir) / "resumed",
+                      checkpoint_every=4)
         torch.save({"straight": straight.alphas, "resumed": resumed.alphas, "ritz": resumed.ritz_values,
                     "betas": (straight.betas, resumed.betas)}, Path(out_dir) / f"rank{rank}.pt")
     except Exception:

@@ -37,6 +37,12 @@ new set.
 
 The reported residuals are true ones, ``||H x - theta x||`` with one product per pair at the end, not the
 estimates above.
+
+Between two products the relation above (``Q_f``, ``T_f``, ``b``, ``r``), the counters, the number of random
+vectors drawn (their seeds follow from it) and two flags of the multiplicity check are the whole state of the
+iteration. With ``checkpoint_dir`` it is saved at restarts (atomically, with sha256 digests and the
+operator's fingerprint; :mod:`hess_utils.algorithms._eigsh_store`), and a re-run resumes from it with the
+same floating-point operations as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -46,12 +52,15 @@ import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from hess_utils import vectors as V
+from hess_utils.algorithms import _eigsh_store as store_
 from hess_utils.algorithms._frozen import freeze_arrays
 from hess_utils.algorithms._products import owned_matvec
 from hess_utils.algorithms.lanczos import (
@@ -70,6 +79,7 @@ from hess_utils.progress import progress_bar, set_postfix
 from hess_utils.vectors import TensorList
 
 WHICH = ("LA", "SA", "LM", "BE")
+EigshCheckpointError = store_.EigshCheckpointError
 
 # Restarts keep the converged wanted pairs plus this fraction of the rest of the basis (SLEPc's Krylov-Schur
 # default): more kept vectors mean a better start, fewer mean more new directions per cycle.
@@ -214,6 +224,12 @@ class EigshState:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def _default_writer() -> bool:
+    from hess_utils.distributed import is_main_process
+
+    return is_main_process()
+
+
 def _check_config(
     op: SymmetricOperator, k: int, which: str, tol: float, num_extra: int | None, max_products: int | None
 ) -> tuple[int, int, int]:
@@ -455,6 +471,10 @@ def eigsh(
     check_multiplicity: bool = True,
     progress: bool = True,
     callback: Callable[[EigshState], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    checkpoint_config: dict[str, Any] | None = None,
+    is_writer: bool | None = None,
 ) -> EigshResult:
     """``k`` extreme eigenpairs of ``op`` by thick-restart Lanczos with a fixed basis of ``k + num_extra`` vectors.
 
@@ -493,7 +513,24 @@ def eigsh(
     progress : bool
         Show a progress bar (over products).
     callback : callable, optional
-        ``callback(state)`` after every product, with the :class:`EigshState` (e.g. to watch memory).
+        ``callback(state)`` after every product, with the :class:`EigshState` (e.g. to watch memory). An
+        exception it raises stops the run (a checkpointed run then resumes from its last saved state).
+    checkpoint_dir : path, optional
+        A folder to checkpoint in (created if needed; layout in :mod:`hess_utils.algorithms._eigsh_store`).
+        The state is saved atomically at a restart every ``checkpoint_every`` restarts, and the result at the
+        end. Calling again with the same arguments resumes from the last saved state and performs the same
+        floating-point operations as an uninterrupted run (bit-identical results on a deterministic
+        operator); a finished folder returns its saved result without any product. A folder of another
+        configuration or operator (``dim``, dtypes, parameter names and shapes) is refused.
+    checkpoint_every : int
+        Restarts between saved states (each rewrites the ``f <= basis_size`` kept rows and ``r``); a cycle
+        between restarts is at most ``basis_size - k`` products. 0 saves the result only.
+    checkpoint_config : dict, optional
+        Extra JSON fields stored in the folder's ``config.json`` and compared on a re-run (model, data, ...:
+        what the operator's fingerprint cannot tell apart).
+    is_writer : bool, optional
+        Whether this process writes the checkpoint; default rank 0 under torch.distributed, else True.
+        Every rank reads it to resume.
 
     Returns
     -------
@@ -509,7 +546,11 @@ def eigsh(
     ------
     ValueError
         For ``k >= n``, an unknown ``which``, ``tol`` not above the dtype's rounding unit, ``max_products``
-        below one cycle, a zero or non-finite ``v0``, or a product with non-finite entries.
+        below one cycle, a zero or non-finite ``v0``, or a product with non-finite entries; for a
+        ``checkpoint_dir`` holding another run (every differing key named, with the fix).
+    EigshCheckpointError
+        (a ``ValueError``) for a checkpoint that fails verification (truncated, corrupted, unreadable):
+        nothing is recomputed over it.
     """
     k, m, max_products = _check_config(op, k, which, tol, num_extra, max_products)
     seed = check_seed(seed)
@@ -524,8 +565,39 @@ def eigsh(
     confirmed: np.ndarray | None = None  # wanted Ritz values under (or after) a multiplicity check
     checking = False  # a check has started: accept a converged wanted set once the pairs outside it settle
 
-    with progress_bar(total=max_products, desc=f"eigsh {which}", disable=not progress) as bar:
+    store = None
+    if checkpoint_dir is not None:
+        checkpoint_every = check_count("checkpoint_every", checkpoint_every, minimum=0)
+        config = store_.eigsh_config(op, k=k, which=which, tol=tol, max_products=max_products, basis_size=m,
+                                     seed=seed, check_multiplicity=check_multiplicity, v0=v0,
+                                     extra=checkpoint_config)
+        store = store_.EigshStore(checkpoint_dir, config, _default_writer() if is_writer is None else bool(is_writer))
+        pointer = store.open()
+        store_.check_same_on_all_ranks(op, store)
+        if pointer is not None and pointer["finished"]:
+            fields, vectors = store.load_result(op)
+            if progress and store.is_writer:
+                print(f"{store.folder} holds this finished eigsh run: loaded its result, no product computed",
+                      flush=True)
+            return EigshResult(eigenvectors=vectors, **fields)
+        if pointer is not None:
+            saved = store.load_state(op, state.basis)
+            confirmed, checking = saved.pop("confirmed"), saved.pop("checking")
+            for name, value in saved.items():
+                setattr(state, name, value)
+            if progress and store.is_writer:
+                print(f"resuming eigsh from {store.folder} at restart {state.num_restarts} "
+                      f"({state.num_products} products done)", flush=True)
+    last_saved = state.num_restarts
+
+    with progress_bar(total=max_products, initial=state.num_products, desc=f"eigsh {which}",
+                      disable=not progress) as bar:
         while True:
+            if store is not None and checkpoint_every and state.num_restarts - last_saved >= checkpoint_every:
+                # Between restarts the relation H Q_f = Q_f T_f + r b^T and the two flags are the whole state:
+                # resuming here repeats the very operations that follow.
+                store.save_state(state, confirmed, checking)
+                last_saved = state.num_restarts
             while state.filled < m and state.r is not None and state.num_products < max_products:
                 _expand(op, state, seed, rtol)
                 bar.update(1)
@@ -582,9 +654,8 @@ def eigsh(
             RuntimeWarning,
             stacklevel=2,
         )
-    return EigshResult(
+    fields = dict(
         eigenvalues=values,
-        eigenvectors=vectors,
         residuals=residuals,
         converged=converged,
         scale=scale,
@@ -596,3 +667,7 @@ def eigsh(
         basis_size=m,
         seed=seed,
     )
+    if store is not None:
+        store.save_result(op, fields, vectors)
+        store_.wait_for_writer()
+    return EigshResult(eigenvectors=vectors, **fields)

@@ -12,11 +12,17 @@ estimates the eigenvalue distribution :math:`\\phi(x) = \\frac{1}{n} \\sum_i \\d
 
 Probe ``p`` is started from the seed :func:`~hess_utils.algorithms.probes.probe_seed` ``(seed, p)``
 ``= seed * 1_000_003 + p``.
+
+:func:`slq` is the one SLQ driver: with ``checkpoint_dir`` the same loop saves its state in a run folder
+and resumes from it (:class:`hess_utils.checkpoint.SLQStore` keeps the files; the loop stays here).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +34,7 @@ from hess_utils.algorithms._products import owned_matmat
 from hess_utils.algorithms.lanczos import (
     LanczosResult,
     LanczosState,
+    _check_config,
     lanczos_advance,
     lanczos_finish,
     lanczos_init,
@@ -35,8 +42,11 @@ from hess_utils.algorithms.lanczos import (
 )
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
-from hess_utils.progress import progress_bar
+from hess_utils.progress import progress_bar, set_postfix
 from hess_utils.vectors import free_memory
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hess_utils.checkpoint import SLQStore
 
 
 @dataclass(frozen=True)
@@ -174,8 +184,20 @@ def slq(
     probe: str = "rademacher",
     progress: bool = True,
     probes_at_once: int | str = 1,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 10,
+    config: dict[str, Any] | None = None,
+    is_writer: bool | None = None,
+    record: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature with ``num_probes`` independent runs of ``num_iters`` iterations.
+
+    With ``checkpoint_dir`` the run lives in a run folder (:mod:`hess_utils.checkpoint`): it is saved every
+    ``checkpoint_every`` iterations, re-running the same call resumes it, and a finished folder is read back
+    without computing anything. The numbers are the same with or without a folder, and whether or not the run
+    was interrupted and resumed: the same floating-point operations run in the same order, so on a
+    deterministic operator (CPU) the Ritz values and weights are bit-identical.
 
     Parameters
     ----------
@@ -185,47 +207,109 @@ def slq(
         Lanczos iterations per probe ``k`` (quadrature nodes per probe).
     num_probes : int
         Number of independent probes ``P``.
-    reorth : {"full", "offload", "none"}
+    reorth : {"full", "offload", "partial", "none"}
         See :func:`~hess_utils.algorithms.lanczos.lanczos`.
     seed : int
         Probe ``p`` starts from ``op.random_vector(probe, seed * 1_000_003 + p)``.
     probe : {"rademacher", "gaussian"}
         Distribution of the start vectors.
     progress : bool
-        Show one progress bar over all ``P * k`` products.
-    probes_at_once : int, optional
+        Show one progress bar over all ``P * k`` products (with a run folder: on the writer only).
+    probes_at_once : int or "auto", optional
         How many runs advance together: their products are computed by one
         :meth:`~hess_utils.operators.base.SymmetricOperator.matmat` call (for a Hessian, one double
         backward for all of them). The runs are the same as one after the other to rounding (not bit for
-        bit, hence the default 1, which :func:`~hess_utils.runs` checkpointed runs reproduce exactly).
-        ``"auto"``: all ``P`` when the operator batches products on an accelerator and their Lanczos
-        bases fit together in half the free memory of the basis device, else 1. On a CPU the batched
-        double backward is slower per vector than one product after the other (measured on the benchmark
-        GPT-2 shape: 2.8 instead of 2.1 gradients per vector), so ``"auto"`` runs the probes in turn there.
+        bit, hence the default 1). ``"auto"``: all ``P`` when the operator batches products
+        (``op.batched_matmat``) on an accelerator and their Lanczos bases fit together in half the free
+        memory of the basis device, else 1; on a CPU the batched double backward costs more per vector than
+        one product after the other, so ``"auto"`` runs the probes in turn there. A run folder checkpoints a
+        group of probes advancing together as well as a single one; it does not record this choice (it
+        changes rounding only), and a resumed group continues together as it started.
+    checkpoint_dir : path, optional
+        The run folder (created if needed); None (default): nothing is written.
+    checkpoint_every : int
+        With a run folder: save every this many Lanczos iterations of a probe (``iteration %
+        checkpoint_every == 0``), and at the end of every probe (or group); 0 saves only at the end of
+        probes. A save writes the basis rows added since the last one (``reorth != "none"``, about
+        ``checkpoint_every * dim`` numbers per probe) and two vectors per probe otherwise.
+    config : dict, optional
+        With a run folder: the caller's description of the run (model, data, method, engine, ...),
+        JSON-serialisable; stored in ``config.json`` with the run parameters
+        (:func:`~hess_utils.checkpoint.slq_config`) and compared on a re-run.
+    is_writer : bool, optional
+        With a run folder: whether this process writes files; default: rank 0 under torch.distributed, else
+        True. Every rank computes, and reads the checkpoint to resume.
+    record : dict or callable, optional
+        With a run folder: extra fields for ``run.json`` (model, data, loss, ...). A callable is called on
+        *every* rank once the iterations are done, so it may run collectives (e.g. ``op.loss()`` of a
+        data-parallel operator).
 
     Returns
     -------
     SLQResult
+
+    Raises
+    ------
+    ValueError
+        For invalid arguments, ``config``, ``is_writer`` or ``record`` without ``checkpoint_dir``, or a run
+        folder holding another run (every differing key named, with its saved and new value).
+    hess_utils.checkpoint.CheckpointError
+        For a checkpoint that fails verification (truncated, corrupted, unreadable); nothing is recomputed.
     """
     num_probes = check_count("num_probes", num_probes)
     seed = check_seed(seed)
     group = _group_size(op, num_iters, num_probes, reorth) if probes_at_once == "auto" else probes_at_once
     group = min(check_count("probes_at_once", group), num_probes)
-    runs: list[LanczosResult] = []
+    store = None
+    if checkpoint_dir is None:
+        given = [name for name, value in (("config", config), ("is_writer", is_writer), ("record", record))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} describe a run folder and are only used with checkpoint_dir=; "
+                             "pass checkpoint_dir too, or drop them")
+    else:
+        # Imported here: the store imports this module (and runs -> density -> slq) at module level.
+        from hess_utils.checkpoint import SLQStore
+
+        _check_config(op, num_iters, reorth, None)  # before config.json is written
+        store = SLQStore.open(op, checkpoint_dir, num_iters=num_iters, num_probes=num_probes, reorth=reorth,
+                              seed=seed, probe=probe, checkpoint_every=checkpoint_every, config=config,
+                              is_writer=is_writer)
+        if store.result is not None:
+            return store.result
+    runs: list[LanczosResult] = [] if store is None else list(store.finished)
+    initial = 0 if store is None else len(runs) * num_iters + sum(
+        s.iteration if isinstance(s, LanczosState) else num_iters for s in store.group)
     spare: list[torch.Tensor] | None = None  # a finished run's basis, reused by the next run in turn
-    with progress_bar(total=num_probes * num_iters, desc="slq", disable=not progress) as bar:
-        for first in range(0, num_probes, group):
-            states = [
-                lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe,
-                             workspace=spare if group == 1 else None)
-                for p in range(first, min(first + group, num_probes))
-            ]
-            if len(states) == 1:
-                runs.append(_run_quietly(op, states[0], bar))
-                spare, states[0].basis = states[0].basis, None
+    show = progress and (store is None or store.is_writer)
+    with progress_bar(total=num_probes * num_iters, initial=initial, desc="slq", disable=not show,
+                      dynamic_ncols=True) as bar:
+        while len(runs) < num_probes:
+            first = len(runs)
+            slots: list[LanczosState | LanczosResult] = [] if store is None else store.group  # resumed group
+            if not slots:
+                slots = [
+                    lanczos_init(op, num_iters, reorth=reorth, seed=probe_seed(seed, p), probe=probe,
+                                 workspace=spare if group == 1 else None)
+                    for p in range(first, min(first + group, num_probes))
+                ]
+                if store is not None:
+                    store.begin(slots)
+            set_postfix(bar, f"probe {first + 1}/{num_probes}" if len(slots) == 1
+                        else f"probes {first + 1}-{first + len(slots)}/{num_probes}")
+            if len(slots) == 1 and isinstance(slots[0], LanczosState):
+                state = slots[0]
+                done = [_run_alone(op, state, bar, store)]
+                spare, state.basis = state.basis, None
             else:
-                runs.extend(_run_together(op, states, bar))
-    return stack_runs(runs, num_iters, op.dim, seed, probe, reorth)
+                done = _run_together(op, slots, bar, store)
+            runs.extend(done)
+            if store is not None:
+                store.probes_done(done)
+    result = stack_runs(runs, num_iters, op.dim, seed, probe, reorth)
+    if store is not None:
+        store.finish(result, record)
+    return result
 
 
 def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: str) -> int:
@@ -245,26 +329,41 @@ def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: 
     return max(1, min(num_probes, int(0.5 * free // max(bytes_per_basis, 1))))
 
 
-def _run_together(op: SymmetricOperator, states: list[LanczosState], bar: tqdm) -> list[LanczosResult]:
-    """Advance several Lanczos states in lockstep, one ``matmat`` per step for the unfinished ones."""
+def _run_together(
+    op: SymmetricOperator, slots: list[LanczosState | LanczosResult], bar: tqdm, store: SLQStore | None = None
+) -> list[LanczosResult]:
+    """Advance several Lanczos states in lockstep, one ``matmat`` per step for the unfinished ones.
+
+    ``slots`` is updated in place: a state is replaced by its result as soon as it is done (a breakdown
+    ends one probe before the others), so a checkpoint of the group saves that probe's result, not a state
+    it could not continue. ``store`` (a run folder) is told of every step.
+    """
     while True:
-        active = [s for s in states if not s.done]
+        active = [i for i, s in enumerate(slots) if isinstance(s, LanczosState) and not s.done]
         if not active:
             break
-        keep = [b for s in active for b in (s.q_prev or ())]
-        products = owned_matmat(op, [s.q for s in active], keep=keep)
-        for state, w in zip(active, products, strict=True):
+        states = [slots[i] for i in active]
+        keep = [b for s in states for b in (s.q_prev or ())]
+        products = owned_matmat(op, [s.q for s in states], keep=keep)
+        for i, state, w in zip(active, states, products, strict=True):
             lanczos_advance(state, w)
             bar.update(1)
             if state.done:
                 bar.update(state.num_iters - state.iteration)
-    return [lanczos_finish(s) for s in states]
+                slots[i] = lanczos_finish(state)
+        del states, products
+        if store is not None:
+            store.stepped(len(active))
+    return [s if isinstance(s, LanczosResult) else lanczos_finish(s) for s in slots]
 
 
-def _run_quietly(op: SymmetricOperator, state: LanczosState, bar: tqdm) -> LanczosResult:
-    """Run a Lanczos state to the end, advancing the shared bar (a breakdown skips the rest)."""
+def _run_alone(op: SymmetricOperator, state: LanczosState, bar: tqdm, store: SLQStore | None = None) -> LanczosResult:
+    """Run a Lanczos state to the end, advancing the shared bar (a breakdown skips the rest); ``store`` (a
+    run folder) is told of every step."""
     while not state.done:
         lanczos_step(op, state)
         bar.update(1)
+        if store is not None:
+            store.stepped(1)
     bar.update(state.num_iters - state.iteration)
     return lanczos_finish(state)

@@ -1,7 +1,8 @@
 """Measurements behind the HessFormer section 3 notebooks (00-04); each returns run folders or tables, never plots.
 
 * :func:`spectrum_run`: one SLQ spectrum of a loaded model on a corpus sample, in a checkpointed run folder
-  (:func:`hess_utils.checkpoint.run_slq`) with its provenance, so notebooks re-plot without recomputing.
+  (:func:`hess_utils.algorithms.slq.slq` with ``checkpoint_dir``) with its provenance, so notebooks re-plot
+  without recomputing.
 * :func:`load_spectra`, :func:`spectrum_summary`: Ritz tables of several run folders, and the numbers the
   dataset study (section 3.3) compares: extreme Ritz values, negative mass, outliers.
 * :func:`ghost_table`: how many ghosts plain Lanczos makes as the iterations grow, against full
@@ -56,18 +57,19 @@ def spectrum_run(
     The batches are :func:`hess_utils.batches.load_batches` ``(data, tokenizer, seq_len, num_sequences, batch_size,
     split, seed)``; the operator is :func:`hess_utils.operators.hessian.hessian_operator` (``params``, ``method``,
     ``keep_graph``: each product after the first costs one backward pass per batch); the run is
-    :func:`hess_utils.checkpoint.run_slq` with ``num_iters`` Lanczos steps per probe, probe ``p`` starting from
-    the Rademacher vector of seed ``seed * 1_000_003 + p``. ``run_dir`` then holds ``ritz.csv`` (one row per
-    Ritz pair), ``run.json`` (model, data, loss, tokens, dimension, devices, versions, timings) and the other
-    tables of :mod:`hess_utils.runs`. A finished run folder of the same configuration is read back, nothing
-    recomputed; one of another configuration is refused (every difference named).
+    :func:`hess_utils.algorithms.slq.slq` with ``checkpoint_dir=run_dir`` and ``num_iters`` Lanczos steps per
+    probe, probe ``p`` starting from the Rademacher vector of seed ``seed * 1_000_003 + p``. ``run_dir`` then
+    holds ``ritz.csv`` (one row per Ritz pair), ``run.json`` (model, data, loss, tokens, dimension, devices,
+    versions, timings) and the other tables of :mod:`hess_utils.runs`. A finished run folder of the same
+    configuration is read back, nothing recomputed; one of another configuration is refused (every difference
+    named).
 
     Returns
     -------
     Path
         ``run_dir``.
     """
-    from hess_utils import checkpoint
+    from hess_utils.algorithms.slq import slq
     from hess_utils.batches import load_batches
     from hess_utils.models import model_provenance
     from hess_utils.operators.hessian import hessian_operator
@@ -85,8 +87,8 @@ def spectrum_run(
                 "loss": op.loss(), "model_provenance": model_provenance(model),
                 "parameter_devices": sorted({str(p.device) for p in op.params})}
 
-    checkpoint.run_slq(op, num_iters=num_iters, num_probes=num_probes, run_dir=run_dir, reorth=reorth, seed=seed,
-                       checkpoint_every=checkpoint_every, config=config, progress=progress, record=record)
+    slq(op, num_iters=num_iters, num_probes=num_probes, reorth=reorth, seed=seed, progress=progress,
+        checkpoint_dir=run_dir, checkpoint_every=checkpoint_every, config=config, record=record)
     return run_dir
 
 

@@ -18,7 +18,7 @@ Conventions every notebook ``notebooks/NN_topic.ipynb`` follows
 * Relative ``out_dir`` / ``figures_dir`` are taken from the checkout (:func:`project_path`), whatever the
   kernel's working directory (nbval starts kernels in ``notebooks/``, papermill here in the repository root).
 * Results are computed once with provenance (:func:`hess_utils.runs.cached_tables` or
-  :func:`hess_utils.checkpoint.run_slq`); figures are saved with :func:`hess_utils.plotting.save_figure`.
+  :func:`hess_utils.slq` with ``checkpoint_dir=``); figures are saved with :func:`hess_utils.plotting.save_figure`.
 
 :func:`run_all` executes every notebook in order with papermill (cwd: the repository root), writing the
 executed copies to ``figures/executed/NN_topic.ipynb`` and a progress line per notebook; the first failure
