@@ -85,6 +85,23 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def load_torch_payload(path: Path, error: type[Exception], fix: str, kind: str, format_version: int) -> dict:
+    """``torch.load`` (weights only, onto the CPU) of a checkpoint file whose digest the caller has verified.
+
+    Raises ``error`` naming ``path`` and ending in ``fix`` when the file does not unpickle or is not a dict
+    whose ``"format"`` is ``format_version`` (``kind`` says what it should have been).
+    """
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling error means the same thing here
+        raise error(f"{path} is unreadable ({type(err).__name__}: {err}); {fix}") from err
+    if not isinstance(payload, dict) or payload.get("format") != format_version:
+        raise error(f"{path} is not a format-{format_version} {kind}; {fix}")
+    return payload
+
+
 def _normalised(recipe: Mapping[str, Any]) -> Any:
     """The recipe as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(recipe, sort_keys=True, default=str))

@@ -78,6 +78,7 @@ from hess_utils import _io, runs
 from hess_utils.algorithms.lanczos import LanczosResult, LanczosState
 from hess_utils.algorithms.probes import check_count, check_seed
 from hess_utils.algorithms.slq import SLQResult, stack_runs
+from hess_utils.distributed import same_on_all_ranks
 from hess_utils.operators.base import SymmetricOperator
 
 #: A probe of the group in flight: its Lanczos state, or its result once it broke down before the others.
@@ -493,12 +494,7 @@ class SLQStore:
         if digest not in accepted:
             raise CheckpointError(f"{path} is corrupt or truncated: its sha256 {digest[:16]}... matches none recorded "
                                   f"in {sidecar_path.name} ({', '.join(a[:16] + '...' for a in accepted)}); {fix}")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # any unpickling error means the same thing here
-            raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {err}); {fix}") from err
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} is not a format-{FORMAT_VERSION} SLQ checkpoint; {fix}")
+        payload = _io.load_torch_payload(path, CheckpointError, fix, "SLQ checkpoint", FORMAT_VERSION)
         mismatches = runs.config_mismatches(payload.get("config", {}), self.config)
         if mismatches:
             keys = ", ".join(k for k, _, _ in mismatches)
@@ -617,12 +613,7 @@ def _check_same_on_all_ranks(op: SymmetricOperator, store: SLQStore, resuming: b
         return
     probe_index, iteration = store.position()
     sha = int(store.sha[:12], 16) if (resuming and store.sha) else 0
-    device = op.devices[0] if op.devices[0].type != "meta" else torch.device("cpu")
-    mine = torch.tensor([int(resuming), probe_index, iteration, sha], dtype=torch.int64, device=device)
-    low, high = mine.clone(), mine.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
+    if not same_on_all_ranks([int(resuming), probe_index, iteration, sha], op.devices[0]):
         raise CheckpointError(
             f"the ranks would start from different points (rank {dist.get_rank()}: resuming={bool(resuming)}, probe "
             f"{probe_index}, iteration {iteration}): the run folder {store.run_dir} must be on a file system every "

@@ -21,7 +21,8 @@ import math
 import os
 import sys
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -619,6 +620,56 @@ def _claim_run_folder(out: Path, config: dict[str, Any], op, marker: str) -> tup
     return writer, full
 
 
+@dataclass
+class _Verb:
+    """One command's run: its folder and options, and once loaded the setup, whether this rank writes and the
+    full configuration (options and operator fingerprint) that run.json records."""
+
+    args: argparse.Namespace
+    out: Path
+    config: dict[str, Any]
+    done: bool
+    setup: Setup | None = None
+    writer: bool = False
+    full: dict[str, Any] | None = None
+
+    @property
+    def op(self) -> Any:
+        return self.setup.op
+
+    def save_run_json(self, kind: str, compute_s: float, files: dict[str, str], gradient_s: float | None = None,
+                      **fields: Any) -> None:
+        """run.json: the setup record, the full configuration, ``fields`` and the timings (with the gradient
+        and median product times when ``gradient_s`` is given)."""
+        from hess_utils import runs
+
+        setup, op = self.setup, self.op
+        timings = (product_timings(op, gradient_s, setup.load_s) if gradient_s is not None
+                   else {"load_s": setup.load_s})
+        timings.update(compute_s=compute_s, matvecs=op.num_matvecs)
+        runs.save_run_json(self.out, runs.provenance(**_record(self.args, setup), kind=kind, config=self.full,
+                                                     **fields, timings=timings, files=files))
+
+
+@contextmanager
+def _verb(args: argparse.Namespace, marker: str, check: Any = None) -> Iterator[_Verb]:
+    """The run of a command that writes ``marker`` last: a finished folder for the same options is yielded
+    with ``done`` (nothing loaded); otherwise the model is loaded, described, ``check(op)`` run (it raises
+    :class:`CLIError` for options the operator refutes) and the folder claimed; closed on exit."""
+    out, config, done = _run_folder(args, marker)
+    run = _Verb(args, out, config, done)
+    if done:
+        yield run
+        return
+    with _Closing(build(args)) as setup:
+        run.setup = setup
+        _describe(args, setup)
+        if check is not None:
+            check(setup.op)
+        run.writer, run.full = _claim_run_folder(out, config, setup.op, marker)
+        yield run
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def run_spectrum(args: argparse.Namespace) -> Path:
     """Load, sample, build the operator, run checkpointed SLQ, save the run folder; returns it.
@@ -668,19 +719,15 @@ def run_diagonal(args: argparse.Namespace) -> Path:
     from hess_utils import runs
     from hess_utils.algorithms import hutchinson_diagonal
 
-    out, config, done = _run_folder(args, "diagonal.csv")
-    if done:
-        return out
-    with _Closing(build(args)) as setup:
-        op = setup.op
-        _describe(args, setup)
-        writer, full = _claim_run_folder(out, config, op, "diagonal.csv")
+    with _verb(args, "diagonal.csv") as run:
+        if run.done:
+            return run.out
+        op, out = run.op, run.out
         t1 = time.perf_counter()
         res = hutchinson_diagonal(op, num_probes=args.probes, seed=args.seed, probe=args.probe_kind,
-                                  progress=not args.no_progress and writer)
+                                  progress=not args.no_progress and run.writer)
         compute_s = time.perf_counter() - t1
-        record = _record(args, setup)
-        if writer:
+        if run.writer:
             tensors = {}
             rows = []
             for name, est, err in zip(op.param_names, res.estimate, res.stderr, strict=True):
@@ -692,11 +739,9 @@ def run_diagonal(args: argparse.Namespace) -> Path:
             _save_safetensors(out / "diagonal.safetensors", tensors)
             frame = pd.DataFrame(rows)
             trace = float(frame["sum"].sum())
-            runs.save_run_json(out, runs.provenance(
-                **record, kind="diagonal", config=full, num_probes=res.num_probes, probe=res.probe,
-                trace_from_diagonal=trace, timings={"load_s": setup.load_s, "compute_s": compute_s,
-                                                    "matvecs": op.num_matvecs},
-                files={"estimate_and_stderr": "diagonal.safetensors", "summary": "diagonal.csv"}))
+            run.save_run_json("diagonal", compute_s,
+                              {"estimate_and_stderr": "diagonal.safetensors", "summary": "diagonal.csv"},
+                              num_probes=res.num_probes, probe=res.probe, trace_from_diagonal=trace)
             runs.save_table(out, "diagonal.csv", frame)
         _say(f"diagonal of {op.dim:,} entries from {res.num_probes} probes in {compute_s:.1f} s; sum (trace estimate) "
              f"{sum(float(b.sum()) for b in res.estimate):.6g}; run folder {out}")
@@ -711,22 +756,20 @@ def run_column(args: argparse.Namespace) -> Path:
     from hess_utils import runs
     from hess_utils.algorithms.columns import hessian_column, threshold_table
 
-    out, config, done = _run_folder(args, "thresholds.csv")
-    if done:
-        return out
-    with _Closing(build(args)) as setup:
-        op = setup.op
-        _describe(args, setup)
+    def in_range(op: Any) -> None:
         bad = [i for i in args.index if i >= op.dim]
         if bad:
             raise CLIError(f"--index {bad[0]} is out of range: the Hessian has dimension {op.dim:,} (indices 0.."
                            f"{op.dim - 1})")
-        writer, full = _claim_run_folder(out, config, op, "thresholds.csv")
+
+    with _verb(args, "thresholds.csv", check=in_range) as run:
+        if run.done:
+            return run.out
+        op, out = run.op, run.out
         t1 = time.perf_counter()
         columns = [hessian_column(op, i) for i in args.index]
         compute_s = time.perf_counter() - t1
-        record = _record(args, setup)
-        if writer:
+        if run.writer:
             import torch
 
             _save_safetensors(out / "columns.safetensors",
@@ -735,13 +778,11 @@ def run_column(args: argparse.Namespace) -> Path:
                                      "diagonal": c.diagonal, "norm": float(np.linalg.norm(c.values)),
                                      "max_abs": float(np.abs(c.values).max())} for c in columns])
             runs.save_table(out, "columns.csv", summary)
-            runs.save_run_json(out, runs.provenance(
-                **record, kind="column", config=full, relative=bool(args.relative),
-                timings={"load_s": setup.load_s, "compute_s": compute_s, "matvecs": op.num_matvecs},
-                files={"columns": "columns.safetensors", "summary": "columns.csv", "thresholds": "thresholds.csv"}))
+            run.save_run_json("column", compute_s, {"columns": "columns.safetensors", "summary": "columns.csv",
+                                                    "thresholds": "thresholds.csv"}, relative=bool(args.relative))
             runs.save_table(out, "thresholds.csv", threshold_table(columns, relative=args.relative))
         _say(f"{len(columns)} column(s) in {compute_s:.1f} s; run folder {out}")
-    return out
+    return run.out
 
 
 def _save_torch(path: Path, obj: Any) -> None:
@@ -774,16 +815,15 @@ def run_eigs(args: argparse.Namespace) -> Path:
     from hess_utils.algorithms.directions import gradient_overlap, mass_by_group
     from hess_utils.algorithms.eigsh import eigsh
 
-    out, config, done = _run_folder(args, "eigenpairs.csv")
-    if done:
-        return out
-    with _Closing(build(args)) as setup:
-        op = setup.op
-        _describe(args, setup)
+    def k_below_dim(op: Any) -> None:
         if args.k >= op.dim:
             raise CLIError(f"--k {args.k} must be below the Hessian's dimension {op.dim:,} (select more --params, "
                            "or compute the dense matrix)")
-        writer, full = _claim_run_folder(out, config, op, "eigenpairs.csv")
+
+    with _verb(args, "eigenpairs.csv", check=k_below_dim) as run:
+        if run.done:
+            return run.out
+        op, out, writer, full = run.op, run.out, run.writer, run.full
         gradient_s = gradient_seconds(op)
         gradient = op.gradient()  # collective under ddp/fsdp: every rank takes it
         t1 = time.perf_counter()
@@ -792,7 +832,6 @@ def run_eigs(args: argparse.Namespace) -> Path:
                        progress=not args.no_progress and writer, checkpoint_dir=out / EIGS_CHECKPOINT_DIR,
                        checkpoint_every=args.checkpoint_every, checkpoint_config={"run": full}, is_writer=writer)
         compute_s = time.perf_counter() - t1
-        record = _record(args, setup)
         if writer:
             _save_torch(out / "eigenvectors.pt", [_cpu_dict(op, x) for x in result.eigenvectors])
             masses = pd.concat([
@@ -809,20 +848,18 @@ def run_eigs(args: argparse.Namespace) -> Path:
                        "all_converged": result.all_converged, "num_converged": int(result.converged.sum()),
                        "num_products": result.num_products, "num_restarts": result.num_restarts,
                        "num_multiplicity_checks": result.num_multiplicity_checks, "basis_size": result.basis_size}
-            runs.save_run_json(out, runs.provenance(
-                **record, kind="eigs", config=full, eigsh=summary, gradient_norm=overlap.attrs["gradient_norm"],
-                gradient_share_in_top_k=float(overlap["cumulative"].iloc[-1]),
-                timings={**product_timings(op, gradient_s, setup.load_s), "compute_s": compute_s,
-                         "matvecs": op.num_matvecs},
-                files={"eigenpairs": "eigenpairs.csv", "eigenvectors": "eigenvectors.pt",
-                       "mass_by_layer": "mass_by_layer.csv", "gradient_overlap": "gradient_overlap.csv"}))
+            run.save_run_json("eigs", compute_s, {"eigenpairs": "eigenpairs.csv", "eigenvectors": "eigenvectors.pt",
+                                                  "mass_by_layer": "mass_by_layer.csv",
+                                                  "gradient_overlap": "gradient_overlap.csv"},
+                              gradient_s=gradient_s, eigsh=summary, gradient_norm=overlap.attrs["gradient_norm"],
+                              gradient_share_in_top_k=float(overlap["cumulative"].iloc[-1]))
             pairs = result.to_frame()
             pairs.insert(0, "index", range(result.k))
             runs.save_table(out, "eigenpairs.csv", pairs)  # last: its presence marks a finished run
         values = ", ".join(f"{x:.6g}" for x in result.eigenvalues)
         _say(f"{int(result.converged.sum())}/{result.k} eigenpairs ({args.which}) converged in {compute_s:.1f} s, "
              f"{result.num_products} products: {values}; run folder {out}")
-    return out
+    return run.out
 
 
 def run_solve(args: argparse.Namespace) -> Path:
@@ -839,33 +876,26 @@ def run_solve(args: argparse.Namespace) -> Path:
     from hess_utils import vectors as V
     from hess_utils.algorithms.solve import cg, minres
 
-    out, config, done = _run_folder(args, "residuals.csv")
-    if done:
-        return out
-    with _Closing(build(args)) as setup:
-        op = setup.op
-        _describe(args, setup)
-        writer, full = _claim_run_folder(out, config, op, "residuals.csv")
+    with _verb(args, "residuals.csv") as run:
+        if run.done:
+            return run.out
+        op, out = run.op, run.out
         gradient_s = gradient_seconds(op)
         gradient = op.gradient()
         solver = cg if args.solver == "cg" else minres
         t1 = time.perf_counter()
         result = solver(op, gradient, damping=args.damping, tol=args.tol, max_iters=args.max_iters,
-                        progress=not args.no_progress and writer)
+                        progress=not args.no_progress and run.writer)
         compute_s = time.perf_counter() - t1
-        record = _record(args, setup)
         summary = {"solver": result.method, "damping": result.damping, "tol": result.tol,
                    "converged": result.converged, "true_residual": result.true_residual,
                    "num_iters": result.num_iters, "num_products": result.num_products,
                    "num_replacements": result.num_replacements, "gradient_norm": V.norm(gradient),
                    "solution_norm": V.norm(result.x), "gradient_dot_solution": V.dot(gradient, result.x)}
-        if writer:
+        if run.writer:
             _save_torch(out / "solution.pt", _cpu_dict(op, result.x))
-            runs.save_run_json(out, runs.provenance(
-                **record, kind="solve", config=full, solve=summary,
-                timings={**product_timings(op, gradient_s, setup.load_s), "compute_s": compute_s,
-                         "matvecs": op.num_matvecs},
-                files={"solution": "solution.pt", "residuals": "residuals.csv"}))
+            run.save_run_json("solve", compute_s, {"solution": "solution.pt", "residuals": "residuals.csv"},
+                              gradient_s=gradient_s, solve=summary)
             history = np.asarray(result.residual_norms)
             runs.save_table(out, "residuals.csv", pd.DataFrame({"step": np.arange(len(history)),
                                                                 "relative_residual": history}))
@@ -873,7 +903,7 @@ def run_solve(args: argparse.Namespace) -> Path:
         _say(f"{result.method} {state} in {result.num_iters} iterations ({compute_s:.1f} s): relative residual "
              f"{result.true_residual:.2e}, ||x|| {summary['solution_norm']:.6g}, "
              f"g.x {summary['gradient_dot_solution']:.6g}; run folder {out}")
-    return out
+    return run.out
 
 
 COMMANDS = {"spectrum": run_spectrum, "diagonal": run_diagonal, "column": run_column, "eigs": run_eigs,

@@ -135,3 +135,30 @@ def test_training_with_the_balance_term_records_the_plain_loss():
                                    progress=False, router_aux_loss_coef=0.1)
     with pytest.raises(ValueError, match="router_aux_loss_coef"):
         training.continue_training(model, batches, None, 1, progress=False, router_aux_loss_coef=-1.0)
+
+
+def test_the_study_tables_agree_with_each_other(moe):
+    model, batches = moe
+    res = moe_study.moe_curvature_study(model, batches, num_probes=8, k=1, tol=1e-6, fd_eps=(None, 3.0),
+                                        num_vectors=1, progress=False)
+    kinds, layers = res["traces_by_kind"].set_index("kind"), res["traces_by_layer"]
+    # Per-layer traces are the same samples split further: they add up to the per-kind ones.
+    np.testing.assert_allclose(layers.groupby("kind")["trace"].sum().reindex(kinds.index), kinds["trace"], rtol=1e-12)
+    assert res["trace_samples"].shape[0] == 8
+    shares = res["expert_load"].groupby("layer")["share"].sum()
+    np.testing.assert_allclose(shares, 1.0)
+    assert set(res["eigenvalues"]["kind"]) == set(kinds.index)
+
+
+def test_conclusions_quote_the_tables():
+    kinds = pd.DataFrame({"kind": ["router", "routed experts"], "layer": [None, None], "parameters": [10, 100],
+                          "trace": [1.0, 2.0], "trace_stderr": [0.1, 0.1], "mean_diagonal": [0.1, 0.02]})
+    eig = pd.DataFrame({"kind": ["router", "routed experts"], "rank": [1, 1], "eigenvalue": [3.25, 1.5]})
+    flips = pd.DataFrame({"fd_eps": ["adaptive", "0.001", "0.01", "0.01"], "flips": [0, 0, 2, 4],
+                          "relative_error": [1e-10, 1e-6, 0.3, 0.1]})
+    text = moe_study.moe_conclusions({"traces_by_kind": kinds, "eigenvalues": eig, "fd_flips": flips})
+    assert "the router block has the largest mean diagonal entry" in text
+    assert "router 1.00e-01, routed experts 2.00e-02" in text
+    assert "router 3.25, routed experts 1.5" in text
+    assert "flipped 0 routing decisions over 1 products (largest relative error 1.0e-10)" in text
+    assert "step of 0.01 flips 3 decisions per product on average, and the error jumps to 3.0e-01" in text

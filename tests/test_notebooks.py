@@ -65,3 +65,25 @@ def test_a_failing_notebook_is_named(tmp_path):
     assert (tmp_path / "figures" / "executed" / "00_broken.ipynb").exists()
     run = notebooks.run_notebook(source, tmp_path / "ok.ipynb", parameters={"x": 2}, cwd=tmp_path)
     assert run.seconds > 0 and run.executed.exists()
+
+
+# Issue 14: notebooks hold parameters, calls, tables and plots; the analysis lives in the harness's study modules
+# (tested in tests/), the preamble is one notebook_setup call. Checked on every notebook.
+CODE_LINE_BUDGET = 80
+
+
+def _code_lines(source: str) -> list[str]:
+    return [line for line in source.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+@pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
+def test_notebook_has_no_def_one_setup_and_a_line_budget(path):
+    code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    nodes = [node for source in code for node in ast.walk(ast.parse(source))]
+    assert not [n.name for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))], \
+        "move functions into hess_utils.harness.studies (with a test) or notebook_setup"
+    assert not any(isinstance(n, ast.Lambda) for n in nodes)
+    assert "notebook_setup(out_dir, figures_dir" in code[2], "the third code cell is the one setup call"
+    assert "project_path" not in "".join(code) and "repo_root" not in "".join(code)
+    lines = sum(len(_code_lines(source)) for source in code)
+    assert lines <= CODE_LINE_BUDGET, f"{lines} code lines, budget {CODE_LINE_BUDGET}"

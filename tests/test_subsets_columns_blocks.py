@@ -34,7 +34,7 @@ def llama():
 def test_subset_hessian_equals_dense_block(llama, kind):
     model, batches, H = llama
     subset = paper_subset(model, kind, num_entries=7, layer="self_attn.q_proj")
-    result = subset_hessian(model, batches, subset, progress=False)
+    result = subset_hessian(hessian_operator(model, batches, params=list(subset)), subset, progress=False)
     offsets = _offsets(model)
     idx = torch.cat([offsets[n] + torch.arange(7) for n in subset])
     assert result.matrix.shape == (len(idx), len(idx))
@@ -56,20 +56,25 @@ def test_sum_mode_subset_hessians_of_single_sequences_add_up():
     model = tiny_model("gpt2")
     batch = tiny_batches(num_batches=1, batch_size=3)[0]
     subset = {"transformer.h.0.attn.c_attn.weight": 20, "transformer.ln_f.weight": slice(0, 8, 2)}
-    whole = subset_hessian(model, [batch], subset, reduction="sum", progress=False).matrix
+    whole = subset_hessian(hessian_operator(model, [batch], params=list(subset), reduction="sum"), subset,
+                           progress=False).matrix
     singles = [{"input_ids": batch["input_ids"][i : i + 1]} for i in range(3)]
-    parts = sum(subset_hessian(model, [s], subset, reduction="sum", progress=False).matrix for s in singles)
+    parts = sum(subset_hessian(hessian_operator(model, [s], params=list(subset), reduction="sum"), subset,
+                               progress=False).matrix for s in singles)
     assert torch.allclose(parts, whole, rtol=0, atol=1e-13 * whole.abs().max())
 
 
 def test_subset_bad_input():
     model = tiny_model("gpt2")
-    with pytest.raises(ValueError, match="unknown parameter"):
-        subset_hessian(model, tiny_batches(), {"nope": 3})
+    op = hessian_operator(model, tiny_batches(), params=["transformer.ln_f.weight"])
+    with pytest.raises(ValueError, match="not parameters of the operator.*params=list"):
+        subset_hessian(op, {"nope": 3})
+    with pytest.raises(ValueError, match="not parameters of the operator"):
+        subset_hessian(op, {"transformer.h.0.attn.c_attn.weight": 3})
     with pytest.raises(ValueError, match="empty subset"):
-        subset_hessian(model, tiny_batches(), {})
+        subset_hessian(op, {})
     with pytest.raises(ValueError, match="first 100000"):
-        subset_hessian(model, tiny_batches(), {"transformer.ln_f.weight": 100000})
+        subset_hessian(op, {"transformer.ln_f.weight": 100000})
 
 
 def test_hessian_column_matches_dense(llama):

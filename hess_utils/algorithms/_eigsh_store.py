@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from hess_utils import _io, runs
+from hess_utils.distributed import same_on_all_ranks
 from hess_utils.operators.base import SymmetricOperator
 
 FORMAT_VERSION = 1
@@ -236,13 +237,7 @@ class EigshStore:
         if _io.file_sha256(path) != pointer["sha256"][name]:
             raise EigshCheckpointError(f"{path} is corrupt or truncated: its sha256 differs from the one in "
                                        f"{POINTER_FILE}; {self.fix}")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # any unpickling error means the same thing here
-            raise EigshCheckpointError(f"{path} is unreadable ({type(err).__name__}: {err}); {self.fix}") from err
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-            raise EigshCheckpointError(f"{path} is not a format-{FORMAT_VERSION} eigsh file; {self.fix}")
-        return payload
+        return _io.load_torch_payload(path, EigshCheckpointError, self.fix, "eigsh file", FORMAT_VERSION)
 
     def _check_layout(self, op: SymmetricOperator, payload: dict[str, Any]) -> None:
         if payload.get("layout") != _layout(op):
@@ -360,13 +355,8 @@ def check_same_on_all_ranks(op: SymmetricOperator, store: EigshStore) -> None:
     pointer = store.pointer or {}
     digest = "".join(sorted((pointer.get("sha256") or {}).values()))
     token = int(hashlib.sha256(digest.encode()).hexdigest()[:12], 16) if digest else 0
-    device = op.devices[0] if op.devices[0].type != "meta" else torch.device("cpu")
-    mine = torch.tensor([int(bool(pointer)), int(bool(pointer.get("finished"))), int(pointer.get("num_products", 0)),
-                         token], dtype=torch.int64, device=device)
-    low, high = mine.clone(), mine.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
+    mine = [int(bool(pointer)), int(bool(pointer.get("finished"))), int(pointer.get("num_products", 0)), token]
+    if not same_on_all_ranks(mine, op.devices[0]):
         raise EigshCheckpointError(
             f"the ranks would start from different points (rank {dist.get_rank()}: "
             f"{pointer.get('folder', 'a new run')}): the checkpoint folder {store.folder} must be on a file system "

@@ -783,6 +783,30 @@ def lanczos_advance(state: LanczosState, w: TensorList) -> LanczosState:
     return state
 
 
+def ritz_from_tridiagonal(
+    alphas: np.ndarray, betas: np.ndarray, last_beta: float, reorth: str, unit_roundoff: float, dim: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ritz values, Gauss weights, residual estimates and ghost mask of :math:`T_k` (all float64, shape ``(k,)``).
+
+    With :math:`T_k = S \\Theta S^\\top` (``alphas`` ``(k,)`` on the diagonal, ``betas`` ``(k-1,)`` beside it):
+    values :math:`\\theta_i` ascending, weights :math:`s_{1i}^2` normalised to sum 1 (the quadrature weights of
+    the spectral measure seen from the start vector), residuals :math:`|\\beta_k s_{ki}|` with
+    :math:`\\beta_k` = ``last_beta`` (``||H y_i - theta_i y_i||`` in exact arithmetic), and the
+    Cullum-Willoughby ghost mask for ``reorth="none"`` (``unit_roundoff`` of the run's arithmetic, ``dim`` the
+    operator's dimension), all False otherwise: a kept, (semi-)orthogonal basis makes no ghosts, and the test
+    would only flag close genuine values.
+    """
+    values, vectors = tridiagonal_eigh(alphas, betas)
+    weights = vectors[0, :] ** 2
+    residuals = np.abs(float(last_beta) * vectors[-1, :])
+    if reorth == "none":
+        ghosts = cullum_willoughby_mask(alphas, betas, values, unit_roundoff=unit_roundoff,
+                                        residual_estimates=residuals, dim=dim)
+    else:
+        ghosts = np.zeros(values.size, dtype=bool)
+    return values, weights / weights.sum(), residuals, ghosts
+
+
 def lanczos_finish(state: LanczosState) -> LanczosResult:
     """Eigen-decompose :math:`T_k` of the steps done so far (in float64) into a :class:`LanczosResult`."""
     k = state.iteration
@@ -791,16 +815,8 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
     alphas = np.asarray(state.alphas, dtype=np.float64)
     betas = np.asarray(state.betas[: k - 1], dtype=np.float64)
     last_beta = float(state.betas[-1])
-    values, vectors = tridiagonal_eigh(alphas, betas)
-    weights = vectors[0, :] ** 2
-    residuals = np.abs(last_beta * vectors[-1, :])
-    if state.reorth == "none":
-        ghosts = cullum_willoughby_mask(
-            alphas, betas, values, unit_roundoff=state.unit_roundoff, residual_estimates=residuals,
-            dim=sum(t.numel() for t in state.q),
-        )
-    else:  # a kept, (semi-)orthogonal basis produces no ghosts; the test would only flag close genuine values
-        ghosts = np.zeros(k, dtype=bool)
+    values, weights, residuals, ghosts = ritz_from_tridiagonal(
+        alphas, betas, last_beta, state.reorth, state.unit_roundoff, sum(t.numel() for t in state.q))
     partial = {}
     if state.reorth == "partial":
         est = _current_estimates(state)
@@ -812,7 +828,7 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
         alphas=alphas,
         betas=betas,
         ritz_values=values,
-        ritz_weights=weights / weights.sum(),
+        ritz_weights=weights,
         ghost_mask=ghosts,
         residual_estimates=residuals,
         orthogonality_loss=_orthogonality_loss(state.basis, k),

@@ -2,27 +2,26 @@
 
 A subset is a mapping ``{parameter name: entries}`` where ``entries`` is an ``int t`` (the first ``t``
 entries of the flattened weight), a ``slice``, or a sequence/tensor of flat indices. The selected scalars
-form one vector ``x`` of length ``n``; the loss is evaluated with ``functional_call`` on weights in which
-``x`` is scattered into a detached copy of each full weight (no monkey-patching of ``forward``), and
+form one vector ``x`` of length ``n``, and
 
     H[i, j] = d^2 L / dx_i dx_j,        shape (n, n),
 
-is built row by row: one double-backward pass per row and batch, exact in the model's dtype. With
-``reduction="sum"`` the Hessians of disjoint batches add up exactly (section 7).
+is built column by column from the Hessian operator: column ``j`` is the product ``H e_j`` read at the
+selected rows (one product per selected scalar, exact in the operator's method and dtype, on every engine).
+With ``reduction="sum"`` the Hessians of disjoint batches add up exactly (section 7).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from hess_utils import loss as L
 from hess_utils.algorithms._frozen import short_repr
-from hess_utils.operators.hessian import check_eval_mode
-from hess_utils.operators.kernels import hessian_context
+from hess_utils.operators.base import SymmetricOperator
 from hess_utils.progress import progress_bar
 
 SUBSET_KINDS = ("layer", "block", "kind", "all")
@@ -90,79 +89,57 @@ def _flat_indices(entries: Entries, numel: int, name: str) -> torch.Tensor:
     return idx
 
 
-def subset_hessian(
-    model: torch.nn.Module,
-    batches: Iterable[L.Batch],
-    subset: Mapping[str, Entries],
-    reduction: str = "mean",
-    progress: bool = True,
-) -> SubsetHessian:
-    """The exact dense Hessian of the loss with respect to the scalars selected by ``subset``.
+def subset_hessian(op: SymmetricOperator, subset: Mapping[str, Entries], progress: bool = True) -> SubsetHessian:
+    """The exact dense Hessian of ``op`` restricted to the scalars selected by ``subset``.
+
+    Column ``j`` is ``H e_j`` (one product with ``op``) read at the selected rows, so the block is exact in the
+    operator's method and dtype, on any engine, at one product per selected scalar.
 
     Parameters
     ----------
-    model
-        A causal LM in eval mode.
-    batches
-        Dicts with ``input_ids`` ``(b, s)`` (and optionally ``attention_mask``).
+    op
+        The Hessian operator (e.g. ``hessian_operator(model, batches, params=list(subset))``); every name of
+        ``subset`` must be one of its parameters (``op.param_names``). Its reduction (mean over the
+        predicted tokens, or their sum) is the block's.
     subset
         ``{parameter name: int | slice | indices}``; see the module docstring and :func:`paper_subset`.
-    reduction
-        ``"mean"`` over all predicted tokens of all batches, or ``"sum"``.
+    progress
+        Show a progress bar over the columns.
+
+    Returns
+    -------
+    SubsetHessian
+        ``matrix`` of shape ``(n, n)``, ``n`` the number of selected scalars, symmetrised (the two triangles
+        agree to rounding), on the CPU in the operator's dtype.
     """
-    check_eval_mode(model)
-    if reduction not in L.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {L.REDUCTIONS}, got {reduction!r}")
     if not subset:
         raise ValueError("empty subset: pass {parameter name: number of leading entries or indices}")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("no batches given")
-    named = dict(model.named_parameters())
-    unknown = [n for n in subset if n not in named]
+    position = {name: i for i, name in enumerate(op.param_names)}
+    unknown = [n for n in subset if n not in position]
     if unknown:
-        raise ValueError(f"unknown parameter names {unknown}; names look like {list(named)[:4]}")
+        raise ValueError(f"parameter names {unknown} are not parameters of the operator (its names look like "
+                         f"{list(op.param_names)[:4]}); build it with hessian_operator(model, batches, "
+                         "params=list(subset))")
     names = list(subset)
-    indices = [_flat_indices(subset[n], named[n].numel(), n) for n in names]
+    blocks = [position[n] for n in names]
+    indices = [_flat_indices(subset[n], math.prod(op.shapes[b]), n) for n, b in zip(names, blocks, strict=True)]
     sizes = [int(i.numel()) for i in indices]
     n = sum(sizes)
     if n > MAX_SUBSET:
         raise ValueError(f"subset of {n} scalars: its dense Hessian is too large (limit {MAX_SUBSET})")
-    dtype = named[names[0]].dtype
-    x0 = torch.cat([named[nm].detach().reshape(-1)[idx.to(named[nm].device)].cpu() for nm, idx in zip(names, indices)])
-    num_tokens = L.total_tokens(batches)
-    if num_tokens == 0:
-        raise ValueError("the batches contain no predicted token")
-    device = L.input_device(model)
-
-    def weights_from(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
-        for part, nm, idx in zip(torch.split(x, sizes), names, indices, strict=True):
-            p = named[nm]
-            flat = p.detach().reshape(-1).index_put((idx.to(p.device),), part.to(p.device))
-            out[nm] = flat.reshape(p.shape)
-        return out
-
-    H = torch.zeros(n, n, dtype=dtype)
-    eye = torch.eye(n, dtype=dtype)
-    from torch.func import functional_call
-
-    with hessian_context(model), torch.enable_grad():
-        for batch in progress_bar(batches, desc="subset Hessian (batches)", disable=not progress):
-            x = x0.clone().requires_grad_(True)
-            inputs = {**L.model_inputs(batch, device), "use_cache": False}
-            logits = functional_call(model, weights_from(x), args=(), kwargs=inputs).logits
-            (g,) = torch.autograd.grad(L.summed_cross_entropy(logits, batch), x, create_graph=True)
-            for i in progress_bar(range(n), desc="rows", leave=False, disable=not progress):
-                (row,) = torch.autograd.grad(g, x, grad_outputs=eye[i], retain_graph=i < n - 1)
-                H[i] += row.detach().cpu()
-    if reduction == "mean":
-        H /= num_tokens
+    H = torch.zeros(n, n, dtype=op.dtypes[blocks[0]])
+    columns = [(b, int(i)) for b, idx in zip(blocks, indices, strict=True) for i in idx.tolist()]
+    for j, (block, flat) in enumerate(progress_bar(columns, desc="subset Hessian (columns)", disable=not progress)):
+        e = op.zeros()
+        e[block].view(-1)[flat] = 1
+        hv = op.matvec(e)
+        H[:, j] = torch.cat([hv[b].reshape(-1)[idx.to(hv[b].device)].cpu().to(H.dtype)
+                             for b, idx in zip(blocks, indices, strict=True)])
     H = (H + H.T) / 2  # exact up to rounding; symmetrise the last bits
     offsets = [0]
-    for s in sizes:
-        offsets.append(offsets[-1] + s)
-    return SubsetHessian(H, tuple(names), tuple(indices), tuple(offsets), reduction, num_tokens)
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return SubsetHessian(H, tuple(names), tuple(indices), tuple(offsets), op.reduction, int(op.num_tokens))
 
 
 # --------------------------------------------------------------------------------------- paper subsets

@@ -260,25 +260,20 @@ def prefix_ritz(alphas: np.ndarray, betas: np.ndarray, k: int, unit_roundoff: fl
     """
     import pandas as pd
 
-    from hess_utils.algorithms.ghosts import cullum_willoughby_mask
-    from hess_utils.algorithms.tridiagonal import tridiagonal_eigh
+    from hess_utils.algorithms.lanczos import ritz_from_tridiagonal
 
     alphas, betas = np.asarray(alphas, np.float64), np.asarray(betas, np.float64)
     if not 1 <= k <= alphas.size:
         raise ValueError(f"k must lie in [1, {alphas.size}] (the run's iterations), got {k}")
-    values, vectors = tridiagonal_eigh(alphas[:k], betas[: k - 1])
     if betas.size >= k:
         last = float(betas[k - 1])
     elif last_beta is not None:
         last = float(last_beta)
     else:  # a zero here would make every residual zero: the whole run's table needs its final beta
         raise ValueError(f"k = {k} is the run's last step: pass last_beta=run.last_beta for its residuals")
-    residual = np.abs(last * vectors[-1, :])
-    ghost = (cullum_willoughby_mask(alphas[:k], betas[: k - 1], values, unit_roundoff=unit_roundoff,
-                                    residual_estimates=residual, dim=dim) if reorth == "none"
-             else np.zeros(k, dtype=bool))
-    weights = vectors[0, :] ** 2
-    return pd.DataFrame({"value": values, "weight": weights / weights.sum(), "ghost": ghost, "residual": residual})
+    values, weights, residual, ghost = ritz_from_tridiagonal(alphas[:k], betas[: k - 1], last, reorth,
+                                                             unit_roundoff, dim)
+    return pd.DataFrame({"value": values, "weight": weights, "ghost": ghost, "residual": residual})
 
 
 def exact_spectral_measure(matrix: torch.Tensor, start: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

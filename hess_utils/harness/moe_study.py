@@ -292,9 +292,9 @@ def moe_conclusions(results: dict[str, Any]) -> str:
     by_eps = fixed.groupby("eps").agg(flips=("flips", "mean"), error=("relative_error", "max"))
     first_flip = by_eps[by_eps.flips > 0]
     steepest = kinds["mean_diagonal"].idxmax()
-    text = (f"Per parameter, the {steepest} carry the most curvature (mean diagonal entry "
-            f"{kinds.loc[steepest, 'mean_diagonal']:.2e}); the router's is {kinds.loc['router', 'mean_diagonal']:.2e}"
-            f" and the routed experts' {kinds.loc['routed experts', 'mean_diagonal']:.2e}. ")
+    per_kind = ", ".join(f"{kind} {value:.2e}" for kind, value in kinds["mean_diagonal"].items())
+    text = (f"Per parameter, the {steepest} block has the largest mean diagonal entry of H (traces over sizes: "
+            f"{per_kind}; standard errors in the table). ")
     listed = ", ".join(f"{kind} {value:.3g}" for kind, value in top.items())
     text += f"Top eigenvalues of the diagonal blocks: {listed}. "
     text += (f"The default finite-difference step flipped {int(default.flips.sum())} routing decisions over "

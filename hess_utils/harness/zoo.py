@@ -15,13 +15,16 @@ rebuilt in a temporary folder and renamed into place.
     ``from_config`` (eager, float32, no quantization config), ``load_state_dict`` the dequantized weights,
     and save it as safetensors with its tokenizer. 134.5 M parameters (tied embeddings); about 3 nats/token
     on wiki text. Building takes about 30 s; a cached load 0.3-0.6 s.
-``tiny-gpt2``, ``tiny-pythia``, ``tiny-opt``, ``tiny-llama``, ``tiny-qwen2``
+``tiny-gpt2``, ``tiny-pythia``, ``tiny-opt``, ``tiny-llama``, ``tiny-qwen2``, ``tiny-qwen2-moe``
     Small models of five families (GPT-2, GPT-NeoX, OPT, Llama with grouped-query attention, Qwen2 with tied
     embeddings), 1.3-1.8 M parameters, hidden size 128, 4 layers, 4 heads, 256 positions, all with the
     project's byte-level BPE tokenizer (vocabulary 4096, :mod:`hess_utils.harness.tokenizer`). Each is pretrained
     by :func:`train_tiny_model` on the ``wiki`` train split: AdamW, our own next-token cross-entropy,
     fixed seed, one CPU thread and deterministic algorithms, so a rebuild gives the same weights on the
-    same machine. The recipe (:data:`TRAIN_RECIPE`) is ``train.json`` in each folder.
+    same machine. The recipe (:data:`TRAIN_RECIPE`) is ``train.json`` in each folder. ``tiny-qwen2-moe`` is
+    a mixture of experts (2.1 M parameters; every block a softmax router over 4 experts, top-2, plus a gated
+    shared expert) trained by the same recipe with a load-balancing term added to the loss
+    (:data:`MOE_TRAIN_RECIPE`); its ``train.json`` also holds the held-out share of tokens per expert.
 
 Timing, measured on the 2-core development machine (shared with other jobs), one training thread: each tiny
 model trains 400 steps of 4 x 128 tokens in 37-40 s, the five in about 3 min 15 s (under the 5-minute

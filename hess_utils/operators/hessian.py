@@ -502,34 +502,23 @@ class HessianOperator(SymmetricOperator):
         self.keep_graph_mode = "never"
 
     def _rev_rev(self, index: int, batch: L.Batch, v: TensorList) -> TensorList:
-        grads, kept = self._graph(index, batch)
-        pairs = [(g, vi) for g, vi in zip(grads, v, strict=True) if g.requires_grad]
-        if not pairs:
-            return V.zeros_like(v)
-        try:
-            with torch.enable_grad():
-                hv = torch.autograd.grad(
-                    [g for g, _ in pairs],
-                    self.params,
-                    grad_outputs=[vi for _, vi in pairs],
-                    retain_graph=kept,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-        except torch.OutOfMemoryError:
-            if not (kept and self.keep_graph_mode == "auto"):
-                raise
-            del grads, pairs
-            self._stop_keeping("a product ran out of memory with the graphs kept")
+        hv = self._double_backward(index, batch, v, batched=False)
+        if hv is None:  # out of memory with the graph kept: keeping is off now, so this rebuilds it
             return self._rev_rev(index, batch, v)
-        return [h.detach() for h in hv]
+        return hv
 
     def _rev_rev_batched(self, index: int, batch: L.Batch, stacked: TensorList) -> TensorList | None:
         """``H_b V`` for ``k`` vectors stacked along a new first axis; None if batching is unsupported."""
+        return self._double_backward(index, batch, stacked, batched=True)
+
+    def _double_backward(self, index: int, batch: L.Batch, v: TensorList, batched: bool) -> TensorList | None:
+        """``H_b v`` (or ``H_b V`` with ``batched``: vectors stacked on a first axis) through batch ``index``'s
+        first-order graph. None after an out-of-memory with the graph kept (keeping is then off, with a
+        warning) or, batched, when the double backward has no vmap rule (batching is then off)."""
         grads, kept = self._graph(index, batch)
-        pairs = [(g, vi) for g, vi in zip(grads, stacked, strict=True) if g.requires_grad]
+        pairs = [(g, vi) for g, vi in zip(grads, v, strict=True) if g.requires_grad]
         if not pairs:
-            return [torch.zeros_like(x) for x in stacked]
+            return [torch.zeros_like(x) for x in v]
         try:
             with torch.enable_grad():
                 hv = torch.autograd.grad(
@@ -539,19 +528,21 @@ class HessianOperator(SymmetricOperator):
                     retain_graph=kept,
                     allow_unused=True,
                     materialize_grads=True,
-                    is_grads_batched=True,
+                    is_grads_batched=batched,
                 )
         except torch.OutOfMemoryError:
             if not (kept and self.keep_graph_mode == "auto"):
                 raise
             del grads, pairs
-            self._stop_keeping("a batched product ran out of memory with the graphs kept")
+            self._stop_keeping(f"a {'batched ' if batched else ''}product ran out of memory with the graphs kept")
             return None
-        except RuntimeError as exc:  # an operation without a vmap rule for its double backward
+        except RuntimeError as exc:  # batched: an operation without a vmap rule for its double backward
+            if not batched:
+                raise
             warnings.warn(
                 f"is_grads_batched is not supported by this model ({str(exc).splitlines()[0][:200]}); "
                 "multiplying the vectors one by one",
-                stacklevel=4,
+                stacklevel=5,
             )
             self._batched_ok = False
             return None
