@@ -11,8 +11,9 @@ Every system gets the same model, batch and loss (``benchmarks/workloads.py``; `
 vocab 2048, 2 layers, width 128, same 4 x 128 batch) and is asked for the ``k`` largest eigenpairs:
 
 * ``ours``: ``eigsh(hessian_operator(model, [batch], method="rev-rev"), k, which="LA", tol)`` (kept graph,
-  default basis ``max(2k, k + 10)``, multiplicity check on); once more each at ``tol=--target`` with
-  ``check_multiplicity=False`` and with ARPACK's basis size (``num_extra = ncv - k``), as ``--extras`` says;
+  default basis ``max(2k + 1, 20)``, ARPACK's default ``ncv``; multiplicity check on); once more each at
+  ``tol=--target`` with ``check_multiplicity=False`` and with ARPACK's basis size (``num_extra = ncv - k``), as
+  ``--extras`` says;
 * ``scipy``: ``scipy.sparse.linalg.eigsh(op.to_scipy(), k, which="LA", tol, v0)`` on a fresh operator of the
   same kind, ``v0`` the Rademacher start ``eigsh`` uses, scipy's default ``ncv`` (``max(2k + 1, 20)``);
   ARPACK's ``tol`` bounds each Ritz estimate relative to its own Ritz value;
@@ -309,7 +310,7 @@ def plan(args) -> list[Spec]:
     for i, t in enumerate(parse_list(args.scipy_tols)):
         specs.append(Spec(f"scipy-{t:g}", "scipy", f"scipy eigsh (ARPACK) on to_scipy(), tol={t:g}", {"tol": t},
                           reps if i == 0 else 1))
-    for item in args.pyhessian.split(","):
+    for item in filter(None, (x.strip() for x in args.pyhessian.split(","))):  # "" skips PyHessian
         t, it = item.split(":")
         specs.append(Spec(f"pyhessian-{float(t):g}-{int(it)}", "pyhessian",
                           f"PyHessian eigenvalues(top_n={k}), tol={float(t):g}, maxIter={int(it)}",
@@ -484,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=float, default=1e-5, help="relative residual to reach")
     parser.add_argument("--ours-tols", default="1e-4,1e-5", help="the first runs --repeats times, the rest once")
     parser.add_argument("--scipy-tols", default="1e-4,1e-5", help="the first runs --repeats times, the rest once")
-    parser.add_argument("--pyhessian", default="1e-3:100,1e-10:100", help="TOL:MAXITER,... (each runs once)")
+    parser.add_argument("--pyhessian", default="1e-3:100,1e-10:100",
+                        help="TOL:MAXITER,... (each runs once); '' for none")
     parser.add_argument("--extras", default="nocheck,memory",
                         help="extra rows of ours: nocheck (check_multiplicity=False), basis (ARPACK's ncv), memory")
     parser.add_argument("--memory-extra", type=int, default=3, help="num_extra of the memory-flatness rows")

@@ -135,6 +135,50 @@ def test_repeated_eigenvalue_is_found_twice():
     assert np.allclose(low.eigenvalues, [-8.5, -8.5, -6.5], rtol=0, atol=1e-10 * 10)
 
 
+class DiagonalOperator(SymmetricOperator):
+    """``diag(d)``: large dimensions at no cost (the spectrum is known exactly)."""
+
+    def __init__(self, d: np.ndarray) -> None:
+        self.d = torch.as_tensor(d, dtype=torch.float64)
+        self.param_names = ["x"]
+        self.shapes = [torch.Size((len(d),))]
+        self.dtypes = [torch.float64]
+        self.devices = [torch.device("cpu")]
+
+    def _matvec(self, v):
+        return [self.d * v[0]]
+
+
+def _lm_like_spectrum(n: int, double: int | None) -> np.ndarray:
+    """The top of the gpt2-5m Hessian (SLQ Ritz values, close 5th and 6th) over a dense bulk; ``double``: the
+    index (0 = largest) of a top eigenvalue given a second copy."""
+    rng = np.random.default_rng(1)
+    top = [50.62, 48.739, 46.239, 44.775, 42.947, 42.198, 40.812, 40.426, 40.063, 38.6, 38.5, 38.2, 38.0]
+    if double is not None:
+        top.append(top[double])
+    bulk = n - len(top)
+    return np.concatenate([rng.normal(0, 4, bulk - bulk // 10), rng.uniform(-43, 37.5, bulk // 10), top])
+
+
+@pytest.mark.parametrize("double", [0, 2, 3])
+def test_multiplicity_check_finds_a_doubled_eigenvalue_in_a_dense_spectrum(double):
+    """A copy hidden among close eigenvalues over a bulk of 40000, where one Krylov sequence sees one copy.
+
+    The default check (stopped as soon as its own sequence has settled behind the wanted set, not after a
+    whole cycle) still finds it: without the check the copy is missed and the k-th value is wrong."""
+    d = _lm_like_spectrum(40_000, double)
+    expected = np.sort(d)[-5:]
+    op = DiagonalOperator(d)
+    result = eigsh(op, k=5, which="LA", tol=1e-8, progress=False)
+    assert result.num_multiplicity_checks >= 2  # the copy entered the wanted set: checked again
+    assert np.abs(result.eigenvalues - expected).max() <= 1e-8 * 50.62, (result.eigenvalues, expected)
+    assert result.converged.all()
+    X = torch.stack([flat(x) for x in result.eigenvectors], dim=1)
+    assert float((X.T @ X - torch.eye(5, dtype=torch.float64)).abs().max()) < 1e-8  # two vectors for the copy
+    blind = eigsh(op, k=5, which="LA", tol=1e-8, check_multiplicity=False, progress=False)
+    assert np.abs(blind.eigenvalues - expected).max() > 0.1  # the test is not vacuous
+
+
 # ---------------------------------------------------------------------------------------------- restarts and memory
 def _vector_storages(n: int, itemsize: int) -> dict[int, int]:
     """``{data_ptr: nbytes}`` of the live tensor storages at least one vector long."""
@@ -460,7 +504,7 @@ def test_result_is_frozen_and_summarised():
     with pytest.raises(AttributeError):
         result.tol = 1.0
     text = repr(result)
-    assert "converged=4/4" in text and "basis_size=14" in text and "[" not in text
+    assert "converged=4/4" in text and "basis_size=20" in text and "[" not in text
     frame = result.to_frame()
     assert list(frame.columns) == ["eigenvalue", "residual", "relative_residual", "converged"]
     assert np.array_equal(frame["eigenvalue"].to_numpy(), result.eigenvalues)
@@ -493,8 +537,8 @@ def test_bad_input_is_refused_with_the_fix():
 
 # ---------------------------------------------------------------------------------------------- the eigs command
 def test_eigs_command_resumes_an_interrupted_run(tmp_path, monkeypatch):
-    """``python -m hess_utils eigs ... --out DIR`` killed mid-run, then re-run: the same eigenpairs.csv as a run
-    never interrupted (the checkpoint in DIR/eigsh/), and a third run recomputes nothing."""
+    """``python -m hess_utils eigs ... --out DIR`` killed mid-run (at its first restart), then re-run: the same
+    eigenpairs.csv as a run never interrupted (the checkpoint in DIR/eigsh/), and a third run recomputes nothing."""
     import pandas as pd
 
     import hess_utils.algorithms.eigsh as eigsh_module
@@ -506,17 +550,17 @@ def test_eigs_command_resumes_an_interrupted_run(tmp_path, monkeypatch):
     assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
     real = eigsh_module.eigsh
 
-    def killed_at_restart_2(*args, **kwargs):
+    def killed_at_restart_1(*args, **kwargs):
         def callback(state):
-            if state.num_restarts >= 2:
+            if state.num_restarts >= 1:
                 raise KeyboardInterrupt  # what Ctrl-C raises
         return real(*args, **kwargs, callback=callback)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(eigsh_module, "eigsh", killed_at_restart_2)
+    monkeypatch.setattr(eigsh_module, "eigsh", killed_at_restart_1)
     assert main([*argv, "--out", str(out)]) == 130
     assert not (out / "eigenpairs.csv").exists()
-    assert json.loads((out / "eigsh" / "checkpoint.json").read_text())["num_restarts"] == 2
+    assert json.loads((out / "eigsh" / "checkpoint.json").read_text())["num_restarts"] == 1
     monkeypatch.setattr(eigsh_module, "eigsh", real)
     assert main([*argv, "--out", str(out)]) == 0
     expected = pd.read_csv(tmp_path / "plain" / "eigenpairs.csv")

@@ -27,13 +27,22 @@ towards the wanted end; only ``m`` vectors are ever stored.
 
 Single-vector Krylov methods see one direction of each eigenspace: the second copy of a repeated
 eigenvalue is invisible to them in exact arithmetic (and in floating point it appears only after many
-restarts, if at all). Once the wanted pairs converge to a tenth of the tolerance, ``check_multiplicity``
+restarts, if at all). Once the wanted pairs converge to half the tolerance, ``check_multiplicity``
 locks them (their couplings, which stay in their true residuals, are dropped), starts a fresh Lanczos
 sequence from a random vector orthogonal to them and iterates until the best Ritz pair outside the wanted
-set has settled clearly behind it (its residual is below half its distance to the wanted set). That pair
-approximates the extreme eigenvalue of :math:`H` deflated by the locked pairs: a missed copy shows up there
-as a Ritz value more wanted than the current ones, enters the wanted set, and the check is repeated for the
-new set.
+set has settled clearly behind it (its residual is below half its distance to the wanted set), tested after
+every product once the check's sequence has ``_CHECK_LENGTH`` (6) vectors. That pair approximates the
+extreme eigenvalue of :math:`H` deflated by the locked pairs: a missed copy shows up there as a Ritz value
+more wanted than the current ones, enters the wanted set, and the check is repeated for the new set. The
+check costs what resolving the deflated extreme costs: a few products when the next eigenvalue is well
+behind the wanted set, more when it is close (to settle, its Ritz value must be resolved to half its
+distance from the wanted set). Like every Krylov method it can only see a copy its sequence has had time to
+amplify from a random start (a component of about ``n^-1/2`` in dimension ``n``).
+
+Every decision (converged, lock, check settled) is taken after every product, not only when the basis is
+full: the iteration stops at the first product where the wanted pairs meet the tolerance. (A cycle in which
+an invariant subspace was found waits for a full basis, so that the exact pairs of that subspace are not
+mistaken for the wanted ones.)
 
 The reported residuals are true ones, ``||H x - theta x||`` with one product per pair at the end, not the
 estimates above.
@@ -86,8 +95,17 @@ EigshCheckpointError = store_.EigshCheckpointError
 _KEEP_FRACTION = 0.5
 
 # Locking drops the couplings of the locked pairs, which then stay in their true residuals: they are locked
-# only once their residuals are this fraction of the tolerance, so the reported residuals still meet it.
-_LOCK_FRACTION = 0.1
+# only once their residuals are this fraction of the tolerance, so the reported residuals still meet it (the
+# half left covers the estimate-to-true difference and what the couplings of a newly found copy miss).
+_LOCK_FRACTION = 0.5
+
+# A multiplicity check may stop once its own Lanczos sequence has this many vectors (fewer with a small basis):
+# a shorter one has seen too little of the deflated operator for its Ritz pairs to say anything (on a
+# 3e5-dimensional dense spectrum 2 missed a doubled eigenvalue that 3 and more found).
+_CHECK_LENGTH = 6
+
+# Default basis size for small k (scipy's eigsh default ncv = max(2k + 1, 20)).
+_DEFAULT_BASIS = 20
 
 # A random vector left with less than this norm after orthogonalisation against the basis is drawn again.
 _MIN_RANDOM_NORM = 1e-6
@@ -255,7 +273,7 @@ def _check_config(
             f"can get there; use tol >= {10 * eps:.0e} or a float64 operator"
         )
     if num_extra is None:
-        num_extra = max(k, 10)  # basis max(2k, k + 10), as ARPACK's and SLEPc's advice
+        num_extra = max(k + 1, _DEFAULT_BASIS - k)  # basis max(2k + 1, 20): ARPACK's (scipy's) default ncv
     num_extra = check_count("num_extra", num_extra)
     basis_size = min(k + num_extra, dim)
     if max_products is None:
@@ -498,18 +516,26 @@ def eigsh(
         ``max(1000, 50 * basis_size)``. Running out returns the current pairs with ``converged`` False
         where they fell short, and warns.
     num_extra : int, optional
-        ``p``: the basis holds ``m = min(k + p, n)`` vectors. Default ``max(k, 10)``, i.e.
-        ``m = max(2k, k + 10)``. A larger basis needs fewer products for clustered spectra.
+        ``p``: the basis holds ``m = min(k + p, n)`` vectors. Default ``max(k + 1, 20 - k)``, i.e.
+        ``m = max(2k + 1, 20)``, scipy's (ARPACK's) default ``ncv``. The basis is the memory of the run:
+        ``m`` vectors of the operator's size and dtype (``20 x 4 x 5.3e6`` bytes = 423 MB for a float32
+        5.3 M-parameter Hessian), allocated once and flat in the number of products. A larger basis restarts
+        less and needs fewer products on clustered spectra (down to those of unrestarted Lanczos, which keeps
+        every vector); a smaller one (down to ``p = 1``) saves memory at the cost of more products. For the
+        top 5 of the gpt2-5m benchmark Hessian (``benchmarks/RESULTS.md``, tol ``1e-5``) a basis of 8 took
+        163 products, the default 20 took 94 (the former default ``max(2k, k + 10)``, 15 here, 105); on a
+        diagonal model of that spectrum 20 needed 74 products without the multiplicity check and
+        unrestarted Lanczos 72.
     seed : int
         Seed of the start vector (Rademacher, unless ``v0`` is given) and of the Gaussian vectors drawn
         for multiplicity checks and after an invariant subspace is found.
     v0 : list of tensors, optional
         Start vector (normalised here), e.g. an eigenvector of a previous run.
     check_multiplicity : bool
-        After the wanted pairs converge, restart from a random vector orthogonal to them until the best pair
-        outside them has settled (usually one cycle, ``m - k`` products), to find copies of repeated
-        eigenvalues that one Krylov sequence cannot see. Set False to save those products when
-        multiplicities do not matter.
+        After the wanted pairs converge (to ``tol / 2``), restart from a random vector orthogonal to them
+        until the best pair outside them has settled (at least 6 products; more when the next eigenvalue is
+        close to the wanted set), to find copies of repeated eigenvalues that one Krylov sequence cannot
+        see. Set False to save those products when multiplicities do not matter.
     progress : bool
         Show a progress bar (over products).
     callback : callable, optional
@@ -590,6 +616,9 @@ def eigsh(
                       f"({state.num_products} products done)", flush=True)
     last_saved = state.num_restarts
 
+    check_length = min(_CHECK_LENGTH, m - k)  # check vectors in the basis before a check may stop
+    cycle_draws = state.draws  # random draws at the start of this cycle (a breakdown since: wait for a full basis)
+
     with progress_bar(total=max_products, initial=state.num_products, desc=f"eigsh {which}",
                       disable=not progress) as bar:
         while True:
@@ -598,11 +627,13 @@ def eigsh(
                 # resuming here repeats the very operations that follow.
                 store.save_state(state, confirmed, checking)
                 last_saved = state.num_restarts
-            while state.filled < m and state.r is not None and state.num_products < max_products:
+            if state.filled < m and state.r is not None and state.num_products < max_products:
                 _expand(op, state, seed, rtol)
                 bar.update(1)
                 if callback is not None:
                     callback(state)
+            # Decisions after every product (T_f is at most basis_size x basis_size, its eigh costs nothing next
+            # to a product): a cycle stops as soon as the wanted pairs meet the tolerance, not at a full basis.
             theta, S, estimates, order = _analyse(state, which)
             scale = float(np.abs(theta).max())
             state.norm_estimate = max(state.norm_estimate, scale)
@@ -613,26 +644,39 @@ def eigsh(
             set_postfix(bar, f"converged {min(num_conv, k)}/{k}, restarts {state.num_restarts}")
             if state.r is None:
                 break  # the basis spans the space: the Ritz pairs are exact
-            # While checking, the best pairs outside the wanted set must also settle clearly behind it: they
-            # approximate the extremes of H deflated by the locked pairs, where a missed copy would show.
-            settled = not checking or _settled_outside(theta, estimates, order, k, which, bound)
+            full = state.filled >= m
+            # An invariant subspace found in this cycle makes its Ritz pairs exact, not the wanted ones: decide
+            # only once the basis is full (the vectors after the breakdown explore the rest of the space).
+            decide = full or state.draws == cycle_draws
+            if checking:
+                # The best pairs outside the wanted set must settle clearly behind it: they approximate the
+                # extremes of H deflated by the locked pairs, where a missed copy would show; the check's
+                # sequence has at least ``check_length`` vectors first.
+                decide = decide and (full or state.filled - k >= check_length)
+                settled = decide and _settled_outside(theta, estimates, order, k, which, bound)
+            else:
+                settled = decide
             if num_conv >= k and settled:
                 values = np.sort(theta[wanted])
                 new = confirmed is None or np.abs(values - confirmed).max() > 10 * bound
                 if not (check_multiplicity and new):
                     break
-                if state.num_products + (m - k) > max_products:
+                if state.num_products + check_length > max_products:
                     break  # no budget left for a check
                 if np.all(estimates[wanted] <= _LOCK_FRACTION * bound):
                     confirmed = values
                     _lock_and_inject(op, state, theta, S, wanted, seed)
+                    cycle_draws = state.draws
                     checking = True
                     continue
-                # else: converge them further before locking drops their couplings (restart below)
+                # else: converge them further before locking drops their couplings
             if state.num_products >= max_products:
                 break
+            if not full:
+                continue
             l = min(max(k, num_conv + int((m - num_conv) * _KEEP_FRACTION)), m - 1)
             _restart(state, theta, S, order[:l])
+            cycle_draws = state.draws
 
     # Final pairs, ascending, and their true residuals (k products).
     pick = wanted[np.argsort(theta[wanted], kind="stable")]
