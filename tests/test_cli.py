@@ -42,6 +42,7 @@ def test_spectrum_writes_the_run_folder(single_run):
     assert record["model"] == "tiny-gpt2" and record["seed"] == 1 and record["num_tokens"] == 3 * 15
     # The fast path is the default, and run.json says what it cost: a gradient, the median product, the ratio.
     assert record["keep_graph"] == "auto" and record["method"] == "rev-rev"
+    assert record["keep_graph_fallback"] is None and record["graph_bytes"] > 0  # kept: the decision is recorded
     timings = record["timings"]
     assert timings["gradient_s"] > 0 and timings["median_product_s"] > 0 and timings["products"] == 16
     assert timings["product_per_gradient"] == pytest.approx(timings["median_product_s"] / timings["gradient_s"])

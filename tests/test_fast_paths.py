@@ -53,14 +53,15 @@ def test_keep_graph_auto_keeps_and_falls_back_with_a_warning(monkeypatch):
     auto = hessian_operator(model, batches, method="rev-rev", keep_graph="auto")
     v = plain.random_vector("gaussian", 0)
     assert rel(V.flatten(auto.matvec(v)), V.flatten(plain.matvec(v))) < 1e-13
-    assert len(auto._graphs) == len(batches) and auto.graph_bytes > 0
+    assert len(auto._graphs) == len(batches) and auto.graph_bytes > 0 and auto.keep_graph_fallback is None
 
     short = hessian_operator(model, batches, method="rev-rev", keep_graph="auto")
     monkeypatch.setattr(hessian_module.V, "free_memory", lambda device: 0)
     with pytest.warns(UserWarning, match="no longer kept"):
         out = short.matvec(v)
     assert rel(V.flatten(out), V.flatten(plain.matvec(v))) < 1e-13
-    assert not short._graphs and short.keep_graph is False
+    assert not short._graphs and short.keep_graph is False and short.keep_graph_mode == "never"
+    assert "MiB are free" in short.keep_graph_fallback  # the reason is kept on the operator, not only warned
     with pytest.raises(ValueError, match="keep_graph"):
         hessian_operator(model, batches, keep_graph="sometimes")
 

@@ -283,7 +283,8 @@ class HessianOperator(SymmetricOperator):
         fits: its size is measured while it is built (saved tensors, parameters excluded) and kept when at
         least twice that stays free on its device; otherwise, or when a kept product runs out of memory,
         every later product rebuilds its graph, with a warning saying so (``keep_graph_mode`` then reads
-        ``"never"``). ``False`` rebuilds every time (for batches or weights that change between products).
+        ``"never"`` and ``keep_graph_fallback`` says why). ``False`` rebuilds every time (for batches or
+        weights that change between products).
 
     Notes
     -----
@@ -322,6 +323,7 @@ class HessianOperator(SymmetricOperator):
         self.keep_graph = bool(keep_graph) and self.method == "rev-rev"
         self.keep_graph_mode = ("auto" if keep_graph == "auto" else "always") if self.keep_graph else "never"
         self.graph_bytes: int | None = None  # measured size of one batch's first-order graph ("auto")
+        self.keep_graph_fallback: str | None = None  # why "auto" stopped keeping graphs, once it did
         self._batched_ok = True  # False once is_grads_batched failed for this model (loop instead)
         self.progress = progress
         selected = select_parameters(model, params)
@@ -500,6 +502,7 @@ class HessianOperator(SymmetricOperator):
         self._graphs.clear()
         self.keep_graph = False
         self.keep_graph_mode = "never"
+        self.keep_graph_fallback = why
 
     def _rev_rev(self, index: int, batch: L.Batch, v: TensorList) -> TensorList:
         hv = self._double_backward(index, batch, v, batched=False)
