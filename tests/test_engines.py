@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import traceback
@@ -26,23 +27,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, job: str, dtype_name: str, out_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo_rank(rank: int, port: int, out_dir: str):
+    """One rank of a 2-process gloo group: a failure is written to ``error<rank>.txt``; on success a barrier
+    before tearing gloo down, then a hard exit: gloo's threads can otherwise abort the interpreter's shutdown
+    ("terminate called without an active exception") after the work succeeded."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        dtype = getattr(torch, dtype_name)
-        model = tiny_model("gpt2", dtype=dtype)
-        batches = tiny_batches(num_batches=3, pad=True)  # 3 batches over 2 ranks: uneven on purpose
-        if job == "ddp":
-            op = DataParallelHessianOperator(model, batches, method="rev-rev")
-        else:
-            from torch.distributed.fsdp import fully_shard
+        yield
+    except Exception:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
 
-            for block in model.transformer.h:
-                fully_shard(block)
-            fully_shard(model)
-            op = FSDPHessianOperator(model, batches)
+
+def _sharded_operator(job: str, dtype: torch.dtype = torch.float64):
+    """The tiny GPT-2's operator on 3 padded batches (uneven over 2 ranks on purpose): data parallel with
+    rev-rev, or FSDP2 (finite differences)."""
+    model = tiny_model("gpt2", dtype=dtype)
+    batches = tiny_batches(num_batches=3, pad=True)
+    if job == "ddp":
+        return DataParallelHessianOperator(model, batches, method="rev-rev")
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return FSDPHessianOperator(model, batches)
+
+
+def _worker(rank: int, port: int, job: str, dtype_name: str, out_dir: str) -> None:
+    with _gloo_rank(rank, port, out_dir):
+        op = _sharded_operator(job, getattr(torch, dtype_name))
         v = op.random_vector("gaussian", 7)
         hv = op.matvec(v)
         result = slq(op, num_iters=12, num_probes=2, reorth="full", seed=3, progress=False)
@@ -50,16 +72,6 @@ def _worker(rank: int, port: int, job: str, dtype_name: str, out_dir: str) -> No
         if rank == 0:
             torch.save({"hv": [x.detach().cpu() for x in hv], "ritz": result.ritz_values, "loss": loss,
                         "tokens": op.num_tokens}, os.path.join(out_dir, "result.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        dist.destroy_process_group()
-        raise
-    # A barrier before tearing gloo down, then a hard exit: gloo's threads can otherwise abort the
-    # interpreter's shutdown ("terminate called without an active exception") after the work succeeded.
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
 
 
 def _run(job: str, dtype_name: str, tmp_path) -> dict:
@@ -155,23 +167,9 @@ def _eig_worker(rank: int, port: int, job: str, out_dir: str) -> None:
     from hess_utils.algorithms.eigsh import eigsh
     from hess_utils.algorithms.solve import cg
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model = tiny_model("gpt2")
-        batches = tiny_batches(num_batches=3, pad=True)  # 3 batches over 2 ranks: uneven on purpose
-        if job == "ddp":
-            op = DataParallelHessianOperator(model, batches, method="rev-rev")
-            tol = 1e-10
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.transformer.h:
-                fully_shard(block)
-            fully_shard(model)
-            op = FSDPHessianOperator(model, batches)  # method="fd"
-            tol = FD_TOL
+    with _gloo_rank(rank, port, out_dir):
+        op = _sharded_operator(job)
+        tol = 1e-10 if job == "ddp" else FD_TOL  # fsdp: method="fd"
         kwargs = dict(k=EIGS_K, tol=tol, num_extra=EIGS_EXTRA, progress=False)
         out: dict = {"LA": _eigenpairs(eigsh(op, which="LA", **kwargs))}
         if job == "ddp":
@@ -192,14 +190,6 @@ def _eig_worker(rank: int, port: int, job: str, out_dir: str) -> None:
                   checkpoint_dir=Path(out_dir) / f"own{rank}")
         if rank == 0:
             torch.save(out, os.path.join(out_dir, "eigs.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        dist.destroy_process_group()
-        raise
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
 
 
 def _run_eigs(job: str, tmp_path) -> dict:

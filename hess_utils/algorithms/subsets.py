@@ -129,10 +129,11 @@ def subset_hessian(op: SymmetricOperator, subset: Mapping[str, Entries], progres
         raise ValueError(f"subset of {n} scalars: its dense Hessian is too large (limit {MAX_SUBSET})")
     H = torch.zeros(n, n, dtype=op.dtypes[blocks[0]])
     columns = [(b, int(i)) for b, idx in zip(blocks, indices, strict=True) for i in idx.tolist()]
+    e = op.zeros()  # one basis vector, its 1 moved from column to column (no allocation per column)
     for j, (block, flat) in enumerate(progress_bar(columns, desc="subset Hessian (columns)", disable=not progress)):
-        e = op.zeros()
         e[block].view(-1)[flat] = 1
         hv = op.matvec(e)
+        e[block].view(-1)[flat] = 0
         H[:, j] = torch.cat([hv[b].reshape(-1)[idx.to(hv[b].device)].cpu().to(H.dtype)
                              for b, idx in zip(blocks, indices, strict=True)])
     H = (H + H.T) / 2  # exact up to rounding; symmetrise the last bits

@@ -163,11 +163,19 @@ def block_top_eigenvalues(
 
 def routing_decisions(model: torch.nn.Module, batches: Sequence[L.Batch]) -> int:
     """Top-k routing decisions of one forward over ``batches``: tokens (padding included) times router calls."""
+    return sum(int(sets.shape[0]) for _, sets in routing_calls(model, batches))
+
+
+def routing_calls(model: torch.nn.Module, batches: Sequence[L.Batch]) -> list[tuple[str, torch.Tensor]]:
+    """``(block, expert sets (tokens, k))`` of every router call of one no-grad forward over ``batches`` at ``w``
+    (:class:`~hess_utils.operators.routing.RoutingMonitor`; empty for a dense model)."""
     monitor = RoutingMonitor(model)
+    if not monitor:  # nothing to watch: no forward
+        return []
     with torch.no_grad(), experts_kernel(model, exact=False), monitor.record() as calls:
         for batch in batches:
             L.batch_loss_sum(model, batch)
-    return sum(int(sets.shape[0]) for _, sets in calls)
+    return calls
 
 
 def fd_routing_flips(
@@ -221,13 +229,10 @@ def expert_load(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) 
     ``{router block: [f_0, ..., f_{E-1}]}`` with :math:`f_e = \\frac{1}{kT}\\sum_t [e \\in I_t]` over the ``T``
     tokens of all batches (padding included); the shares of a router sum to 1, uniform routing gives ``1/E``.
     """
-    monitor = RoutingMonitor(model)
-    if not monitor:
+    calls = routing_calls(model, batches)
+    if not calls:
         return {}
     counts: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), experts_kernel(model, exact=False), monitor.record() as calls:
-        for batch in batches:
-            L.batch_loss_sum(model, batch)
     num_experts = _num_experts(model.config)
     for block, sets in calls:
         hits = torch.bincount(sets.reshape(-1).long(), minlength=num_experts).double()
