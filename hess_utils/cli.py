@@ -209,6 +209,9 @@ def _add_eigs_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-products", type=int, default=None,
                    help="products with H allowed in the iteration; running out writes the pairs reached, flagged "
                         "converged=False (default: max(1000, 50 * basis size))")
+    s.add_argument("--check-multiplicity", action="store_true",
+                   help="after convergence, restart orthogonally to the pairs found until the next Ritz pair has "
+                        "settled behind them, to find second copies of repeated eigenvalues (off, as in ARPACK)")
     s.add_argument("--checkpoint-every", type=int, default=1,
                    help="save the Lanczos state in the run folder's eigsh/ every this many thick restarts, so a "
                         "re-run of the same command resumes; 0: only the result (default: %(default)s)")
@@ -831,6 +834,7 @@ def run_eigs(args: argparse.Namespace) -> Path:
         t1 = time.perf_counter()
         # Checkpointed in out/eigsh/: an interrupted run resumes from its last restart when re-run.
         result = eigsh(op, k=args.k, which=args.which, tol=args.tol, max_products=args.max_products, seed=args.seed,
+                       check_multiplicity=args.check_multiplicity,
                        progress=not args.no_progress and writer, checkpoint_dir=out / EIGS_CHECKPOINT_DIR,
                        checkpoint_every=args.checkpoint_every, checkpoint_config={"run": full}, is_writer=writer)
         compute_s = time.perf_counter() - t1

@@ -25,19 +25,19 @@ again with ``l`` vectors ("thick" restart: many Ritz vectors, not one, as in imp
 exact shifts). The Krylov space of the next cycle is the one a longer run would have built, filtered
 towards the wanted end; only ``m`` vectors are ever stored.
 
-Single-vector Krylov methods see one direction of each eigenspace: the second copy of a repeated
-eigenvalue is invisible to them in exact arithmetic (and in floating point it appears only after many
-restarts, if at all). Once the wanted pairs converge to half the tolerance, ``check_multiplicity``
-locks them (their couplings, which stay in their true residuals, are dropped), starts a fresh Lanczos
-sequence from a random vector orthogonal to them and iterates until the best Ritz pair outside the wanted
-set has settled clearly behind it (its residual is below half its distance to the wanted set), tested after
-every product once the check's sequence has ``_CHECK_LENGTH`` (6) vectors. That pair approximates the
-extreme eigenvalue of :math:`H` deflated by the locked pairs: a missed copy shows up there as a Ritz value
-more wanted than the current ones, enters the wanted set, and the check is repeated for the new set. The
-check costs what resolving the deflated extreme costs: a few products when the next eigenvalue is well
-behind the wanted set, more when it is close (to settle, its Ritz value must be resolved to half its
-distance from the wanted set). Like every Krylov method it can only see a copy its sequence has had time to
-amplify from a random start (a component of about ``n^-1/2`` in dimension ``n``).
+Single-vector Krylov methods see one direction of each eigenspace: the second copy of a repeated eigenvalue is
+invisible to them in exact arithmetic (and in floating point it appears only after many restarts, if at all).
+Once the wanted pairs converge to half the tolerance, ``check_multiplicity=True`` (off by default, as in
+ARPACK) locks them (their couplings, which stay in their true residuals, are dropped), starts a fresh Lanczos
+sequence from a random vector orthogonal to them and iterates until the best Ritz pair outside the wanted set
+has settled clearly behind it (its residual is below half its distance to the wanted set), tested after every
+product once the check's sequence has ``_CHECK_LENGTH`` (6) vectors. That pair approximates the extreme
+eigenvalue of :math:`H` deflated by the locked pairs: a missed copy shows up there as a Ritz value more wanted
+than the current ones, enters the wanted set, and the check is repeated for the new set. The check costs what
+resolving the deflated extreme costs: a few products when the next eigenvalue is well behind the wanted set,
+more when it is close (to settle, its Ritz value must be resolved to half its distance from the wanted set).
+Like every Krylov method it can only see a copy its sequence has had time to amplify from a random start (a
+component of about ``n^-1/2`` in dimension ``n``).
 
 Every decision (converged, lock, check settled) is taken after every product, not only when the basis is
 full: the iteration stops at the first product where the wanted pairs meet the tolerance. (A cycle in which
@@ -486,7 +486,7 @@ def eigsh(
     num_extra: int | None = None,
     seed: int = 0,
     v0: Sequence[torch.Tensor] | None = None,
-    check_multiplicity: bool = True,
+    check_multiplicity: bool = False,
     progress: bool = True,
     callback: Callable[[EigshState], None] | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -535,7 +535,12 @@ def eigsh(
         After the wanted pairs converge (to ``tol / 2``), restart from a random vector orthogonal to them
         until the best pair outside them has settled (at least 6 products; more when the next eigenvalue is
         close to the wanted set), to find copies of repeated eigenvalues that one Krylov sequence cannot
-        see. Set False to save those products when multiplicities do not matter.
+        see. Off by default, as in ARPACK (scipy's ``eigsh``) and every single-vector Krylov method: an
+        exactly repeated eigenvalue is not generic for the Hessian of a trained model, and the check costs
+        what resolving the next eigenvalue behind the wanted set costs (a quarter of the products when it lies
+        close behind: ``benchmarks/RESULTS.md``). Turn it on where
+        symmetry can make eigenvalues repeat (tied or permuted weights, a symmetric initialisation) or
+        where a missed copy would change a conclusion.
     progress : bool
         Show a progress bar (over products).
     callback : callable, optional

@@ -107,7 +107,7 @@ def eigen_analysis(
     params: ParamSelector = None,
     max_products: int | None = None,
     num_extra: int | None = None,
-    check_multiplicity: bool = True,
+    check_multiplicity: bool = False,
     heads: bool = True,
     seed: int = 0,
     progress: bool = False,
