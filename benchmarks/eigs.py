@@ -2,7 +2,7 @@
 
     python -m benchmarks.eigs [--workload gpt2-5m] [--k 5] [--repeats 2] [--quick] [--threads 1]
                               [--target 1e-5] [--ours-tols 1e-4,1e-5] [--scipy-tols 1e-4,1e-5]
-                              [--pyhessian 1e-3:100,1e-10:100] [--extras nocheck,memory[,basis]]
+                              [--pyhessian 1e-3:100,1e-10:100] [--extras check,memory[,basis]]
                               [--memory-extra 3] [--memory-budget 60] [--resume STEM]
 
 The defaults are the full run of ``benchmarks/RESULTS.md`` (about 35 min on one loaded core).
@@ -11,9 +11,9 @@ Every system gets the same model, batch and loss (``benchmarks/workloads.py``; `
 vocab 2048, 2 layers, width 128, same 4 x 128 batch) and is asked for the ``k`` largest eigenpairs:
 
 * ``ours``: ``eigsh(hessian_operator(model, [batch], method="rev-rev"), k, which="LA", tol)`` (kept graph,
-  default basis ``max(2k + 1, 20)``, ARPACK's default ``ncv``; multiplicity check on); once more each at
-  ``tol=--target`` with ``check_multiplicity=False`` and with ARPACK's basis size (``num_extra = ncv - k``), as
-  ``--extras`` says;
+  default basis ``max(2k + 1, 20)``, ARPACK's default ``ncv``; no multiplicity check, the default, as in ARPACK);
+  once more each at ``tol=--target`` with ``check_multiplicity=True`` and with ARPACK's basis size
+  (``num_extra = ncv - k``), as ``--extras`` says;
 * ``scipy``: ``scipy.sparse.linalg.eigsh(op.to_scipy(), k, which="LA", tol, v0)`` on a fresh operator of the
   same kind, ``v0`` the Rademacher start ``eigsh`` uses, scipy's default ``ncv`` (``max(2k + 1, 20)``);
   ARPACK's ``tol`` bounds each Ritz estimate relative to its own Ritz value;
@@ -195,7 +195,7 @@ class Spec:
     memory_row: bool = False
 
 
-def run_ours(model, batch, k: int, tol: float, num_extra: int | None = None, check_multiplicity: bool = True,
+def run_ours(model, batch, k: int, tol: float, num_extra: int | None = None, check_multiplicity: bool = False,
              max_products: int | None = None, trace: PeakTrace | None = None) -> Outcome:
     from hess_utils.algorithms.eigsh import eigsh
 
@@ -317,9 +317,9 @@ def plan(args) -> list[Spec]:
                           {"tol": float(t), "max_iter": int(it)}, 1))
     extras = set(parse_list(args.extras, str))
     t = args.target
-    if "nocheck" in extras:
-        specs.append(Spec("ours-nocheck", "ours", f"hess_utils eigsh, tol={t:g}, check_multiplicity=False",
-                          {"tol": t, "check_multiplicity": False}, 1))
+    if "check" in extras:
+        specs.append(Spec("ours-check", "ours", f"hess_utils eigsh, tol={t:g}, check_multiplicity=True",
+                          {"tol": t, "check_multiplicity": True}, 1))
     if "basis" in extras:
         ncv = max(2 * k + 1, 20)  # scipy's default ncv
         specs.append(Spec(f"ours-basis{ncv}", "ours", f"hess_utils eigsh, tol={t:g}, basis {ncv} (ARPACK's ncv)",
@@ -487,8 +487,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scipy-tols", default="1e-4,1e-5", help="the first runs --repeats times, the rest once")
     parser.add_argument("--pyhessian", default="1e-3:100,1e-10:100",
                         help="TOL:MAXITER,... (each runs once); '' for none")
-    parser.add_argument("--extras", default="nocheck,memory",
-                        help="extra rows of ours: nocheck (check_multiplicity=False), basis (ARPACK's ncv), memory")
+    parser.add_argument("--extras", default="check,memory",
+                        help="extra rows of ours: check (check_multiplicity=True), basis (ARPACK's ncv), memory")
     parser.add_argument("--memory-extra", type=int, default=3, help="num_extra of the memory-flatness rows")
     parser.add_argument("--memory-budget", type=int, default=60, help="products of the fixed-budget row")
     parser.add_argument("--stem", default=None, help="output file stem (default eigs-<date>[-quick])")

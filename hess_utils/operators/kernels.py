@@ -37,6 +37,19 @@ choice is scoped like the attention kernel's: the experts' configs are set for t
 threads). Experts that cannot run eagerly (quantized expert weights, ``deepgemm_megamoe``, a load-time
 layout) are refused for exact methods with a :class:`UnsupportedModelError` naming the family and the layer.
 
+Linear layers (exact reverse-over-reverse products)
+--------------------------------------------------
+``F.linear(x, W)`` computes ``x @ W.T``; autograd's backward differentiates that transposed view, so the
+gradient of ``W`` comes out as a transposed ``(in, out)`` tensor, and in the double backward of a Hessian-vector
+product ``W`` then receives two contributions in opposite memory layouts (from ``x @ W.T`` and from the
+backward's ``grad @ W``), added by a strided elementwise kernel several times slower than a contiguous one,
+once per weight per product. Under ``method="rev-rev"`` the block runs every ``F.linear`` on plain tensors
+through :class:`_Linear`, the same products written out (``grad_W = grad^T x`` as one ``(out, in)`` matrix
+product): the same first and second derivatives up to rounding, with every weight contribution contiguous
+(``benchmarks/RESULTS.md``: SmolLM2-135M). Tensor subclasses (DTensor, quantized weights) and linears whose
+weight needs no gradient run natively. Finite differences and gradients (``exact=False``) and forward mode
+(``"fwd-rev"``, which ``torch.func`` would need a ``jvp`` rule for) are untouched.
+
 Errors
 ------
 An error raised inside :func:`hessian_context` by the model's forward or by autograd (an operation without a
@@ -54,6 +67,8 @@ import traceback
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from hess_utils.operators.precision import is_float64_model, keep_float64
 
@@ -253,6 +268,63 @@ def experts_kernel(model: torch.nn.Module, exact: bool, method: str | None = Non
             _set_experts_implementation(configs[key], before[key])
 
 
+# ---------------------------------------------------------------------------------------------- linear layers
+class _Linear(torch.autograd.Function):
+    """``F.linear(x, W, b) = x W^T + b`` with its backward written as plain products (module docstring).
+
+    Shapes: ``x`` ``(..., in)``, ``W`` ``(out, in)``, ``b`` ``(out,)``, gradient ``g`` ``(..., out)``:
+    ``grad_x = g W`` ``(..., in)``, ``grad_W = G^T X`` ``(out, in)`` with ``G``, ``X`` the flattened
+    ``(tokens, out)`` and ``(tokens, in)``, ``grad_b = G^T 1``. Written in differentiable operations, so a
+    first-order graph built with ``create_graph=True`` differentiates again exactly.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = flat.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def _plain(t: torch.Tensor | None) -> bool:
+    return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+class _ContiguousLinear(TorchFunctionMode):
+    """Runs ``F.linear`` on plain tensors whose weight needs a gradient through :class:`_Linear`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and torch.is_grad_enabled():
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if weight.requires_grad and _plain(x) and _plain(weight) and _plain(bias):
+                return _Linear.apply(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def linear_kernel(exact: bool, method: str | None) -> Iterator[bool]:
+    """Run the block's linear layers through :class:`_Linear` for exact ``"rev-rev"`` products (yields whether)."""
+    if exact and method == "rev-rev":
+        with _ContiguousLinear():
+            yield True
+    else:
+        yield False
+
+
 # ---------------------------------------------------------------------------------------------- the scope
 @contextlib.contextmanager
 def hessian_context(model: torch.nn.Module, exact: bool = True, method: str | None = None) -> Iterator[None]:
@@ -262,10 +334,11 @@ def hessian_context(model: torch.nn.Module, exact: bool = True, method: str | No
     SDPA and flash run as they are; the float64 mode applies to every method (a finite difference divides
     the forward's rounding by its step, so it needs float64 throughout even more than the exact methods).
     ``method`` (``"rev-rev"`` or ``"fwd-rev"``, None when not known) refines the experts kernel's choice
-    (:func:`experts_kernel`). Errors of the model's forward and of autograd come out as
+    (:func:`experts_kernel`) and, for ``"rev-rev"``, runs linear layers through :func:`linear_kernel`. Errors
+    of the model's forward and of autograd come out as
     :class:`UnsupportedModelError` (module docstring).
     """
-    with _attention_kernel(model, exact), experts_kernel(model, exact, method):
+    with _attention_kernel(model, exact), experts_kernel(model, exact, method), linear_kernel(exact, method):
         try:
             if is_float64_model(model):
                 with keep_float64():
