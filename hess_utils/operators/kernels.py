@@ -308,9 +308,10 @@ class _ContiguousLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and torch.is_grad_enabled():
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if weight.requires_grad and _plain(x) and _plain(weight) and _plain(bias):
+            x, weight, bias = (*args, None, None, None)[:3]
+            x, weight = kwargs.get("input", x), kwargs.get("weight", weight)
+            bias = kwargs.get("bias", bias)
+            if weight is not None and weight.requires_grad and _plain(x) and _plain(weight) and _plain(bias):
                 return _Linear.apply(x, weight, bias)
         return func(*args, **kwargs)
 
