@@ -88,6 +88,10 @@ lint: install
 # breaks `import transformers`: curvlinops goes in with --no-deps plus the modules it imports at top level.
 BENCH_PEERS := pyhessian==0.1 hessian-eigenthings==1.0.0a5 einops einconv linear_operator opt-einsum
 BENCH_ARGS ?=
+# The top-k eigenpairs side by side (issue 16): ours, ARPACK on to_scipy(), PyHessian; two rotated rounds of the
+# main rows, then PyHessian and the memory-flatness rows once (about 15 min on 2 cores). --quick: the small GPT-2.
+EIGS_ARGS ?= --k 5 --repeats 2 --ours-tols 1e-5 --scipy-tols 1e-4 --pyhessian 1e-3:100 --extras memory \
+	$(if $(findstring --quick,$(BENCH_ARGS)),--quick --memory-budget 20,)
 bench: install
 	@echo "== installing the peers (PyHessian, hessian-eigenthings, curvlinops without backpack)"
 	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) -c $(LOCK) $(BENCH_PEERS)
@@ -95,6 +99,8 @@ bench: install
 	$(PY) -c "import transformers, torch, pyhessian, hessian_eigenthings, curvlinops; assert torch.__version__.startswith('2.13.0')"
 	@echo "== benchmark (see benchmarks/README.md; BENCH_ARGS=--quick for a smoke run)"
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	@echo "== top-k eigenpairs against ARPACK and PyHessian (benchmarks/eigs.py)"
+	$(PY) -m benchmarks.eigs --results-md $(EIGS_ARGS)
 
 clean-data:
 	rm -rf data/corpora data/models data/tokenizers

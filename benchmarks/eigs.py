@@ -80,6 +80,7 @@ import pandas as pd
 import torch
 
 from benchmarks import workloads as W
+from benchmarks.results_md import replace_section
 from benchmarks.systems import ShiftedLogits, targets_of
 from hess_utils import vectors as V
 from hess_utils._io import write_json, write_text
@@ -491,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra rows of ours: check (check_multiplicity=True), basis (ARPACK's ncv), memory")
     parser.add_argument("--memory-extra", type=int, default=3, help="num_extra of the memory-flatness rows")
     parser.add_argument("--memory-budget", type=int, default=60, help="products of the fixed-budget row")
+    parser.add_argument("--results-md", action="store_true",
+                        help="also put the table in its section of benchmarks/RESULTS.md (make bench does)")
     parser.add_argument("--stem", default=None, help="output file stem (default eigs-<date>[-quick])")
     parser.add_argument("--resume", default=None, metavar="STEM",
                         help="continue benchmarks/results/STEM.json: keep its runs, do only the missing ones "
@@ -551,6 +554,11 @@ def main(argv: list[str] | None = None) -> None:
         report(args, specs, runs, stem, label, check_op.dim, previous["command"], started, done=True)
 
 
+def started_at(record: dict) -> str:
+    """The provenance's creation time, to the minute (``YYYY-MM-DD HH:MM``)."""
+    return str(record.get("created", ""))[:16].replace("T", " ")
+
+
 def report(args, specs, runs, stem, label, dim, command, started, done) -> None:
     """Tables of the runs so far: printed when ``done``, written to ``benchmarks/results/<stem>.*`` every time."""
     # The reference: the run of ours or scipy (both "LA") with the smallest worst residual; |lambda_max| = its top.
@@ -595,6 +603,10 @@ def report(args, specs, runs, stem, label, dim, command, started, done) -> None:
     write_text(RESULTS / f"{stem}.md", head + table + "".join("\n" + x for x in iterates if x))
     if done:
         print(f"wrote {RESULTS / stem}.csv/.json/.md", flush=True)
+        if args.results_md:
+            replace_section("eigs", f"### Top-{args.k} eigenpairs (`benchmarks.eigs`), {started_at(record)}\n\n"
+                                    + head + table + f"\nRaw data: `benchmarks/results/{stem}.json`.\n")
+            print("updated its section of benchmarks/RESULTS.md", flush=True)
 
 
 if __name__ == "__main__":

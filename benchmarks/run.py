@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import systems as S  # noqa: E402
+from benchmarks.results_md import replace_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HVP_SYSTEMS = [S.GRADIENT, *S.PEERS, "ours-rebuilt", "ours-kept", "ours-kept-pair", "ours-fd", "ours-fd-fixed"]
@@ -258,10 +259,10 @@ def main() -> None:
         writer.writerows(table)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"provenance": prov, "table": table, "raw": raw},
                                                       indent=1, default=str))
-    header = (f"# Benchmark results\n\nLatest `make bench` ({'quick smoke run' if args.quick else 'full run'}), "
+    header = (f"Latest `make bench` ({'quick smoke run' if args.quick else 'full run'}), "
               f"{prov['created']}, git {prov.get('git_commit')}, on {machine}. Memory: {prov['memory_method']}. "
               f"Raw data: `benchmarks/results/{stem}.json`. Total time {elapsed / 60:.1f} min.\n\n")
-    (ROOT / "benchmarks" / "RESULTS.md").write_text(header + md + "\n")
+    replace_section("hvp-and-slq", header + md)
     print(f"saved benchmarks/results/{stem}.csv, .json and benchmarks/RESULTS.md")
 
 

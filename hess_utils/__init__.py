@@ -48,6 +48,16 @@ _EXPORTS = {
     "gradient_overlap": "hess_utils.algorithms.directions",
     "plot_mass_heatmap": "hess_utils.algorithms.directions",
     "parse_parameter_name": "hess_utils.algorithms.directions",
+    # the frozen results the algorithms return (each with a short repr; tables through .to_frame())
+    "LanczosResult": "hess_utils.algorithms.lanczos",
+    "SLQResult": "hess_utils.algorithms.slq",
+    "DensityResult": "hess_utils.algorithms.density",
+    "LogDensityResult": "hess_utils.algorithms.density",
+    "KPMResult": "hess_utils.algorithms.kpm",
+    "HutchinsonResult": "hess_utils.algorithms.hutchinson",
+    "SubsetHessian": "hess_utils.algorithms.subsets",
+    "HessianColumn": "hess_utils.algorithms.columns",
+    "BlockDiagonalError": "hess_utils.algorithms.blocks",
     "keep_float64": "hess_utils.operators.precision",
     "report_low_precision": "hess_utils.operators.precision",
 }
@@ -68,9 +78,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from hess_utils.algorithms.blocks import BlockDiagonalOperator, block_diagonal_error
-    from hess_utils.algorithms.columns import hessian_column, threshold_table
-    from hess_utils.algorithms.density import gaussian_density, log_abs_density
+    from hess_utils.algorithms.blocks import BlockDiagonalError, BlockDiagonalOperator, block_diagonal_error
+    from hess_utils.algorithms.columns import HessianColumn, hessian_column, threshold_table
+    from hess_utils.algorithms.density import DensityResult, LogDensityResult, gaussian_density, log_abs_density
     from hess_utils.algorithms.directions import (
         gradient_overlap,
         mass_by_group,
@@ -80,12 +90,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     )
     from hess_utils.algorithms.eigsh import EigshResult, eigsh
     from hess_utils.algorithms.ghosts import cullum_willoughby_mask
-    from hess_utils.algorithms.hutchinson import hutchinson_diagonal, hutchinson_trace
-    from hess_utils.algorithms.kpm import kpm_density
-    from hess_utils.algorithms.lanczos import lanczos
-    from hess_utils.algorithms.slq import slq
+    from hess_utils.algorithms.hutchinson import HutchinsonResult, hutchinson_diagonal, hutchinson_trace
+    from hess_utils.algorithms.kpm import KPMResult, kpm_density
+    from hess_utils.algorithms.lanczos import LanczosResult, lanczos
+    from hess_utils.algorithms.slq import SLQResult, slq
     from hess_utils.algorithms.solve import SolveResult, cg, influence, minres
-    from hess_utils.algorithms.subsets import paper_subset, subset_hessian
+    from hess_utils.algorithms.subsets import SubsetHessian, paper_subset, subset_hessian
     from hess_utils.batches import load_batches
     from hess_utils.loss import lm_loss
     from hess_utils.models import load_model, model_provenance

@@ -10,3 +10,17 @@ def test_top_level_names_resolve():
     for name in NAMES:
         assert callable(getattr(hess_utils, name)), name
     assert set(NAMES) <= set(hess_utils.__all__)
+
+
+RESULTS = ["LanczosResult", "SLQResult", "DensityResult", "LogDensityResult", "KPMResult", "HutchinsonResult",
+           "EigshResult", "SolveResult", "SubsetHessian", "HessianColumn", "BlockDiagonalError"]
+
+
+def test_result_types_are_exported_frozen_dataclasses():
+    import dataclasses
+
+    for name in RESULTS:
+        cls = getattr(hess_utils, name)
+        assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, name
+        assert name in hess_utils.__all__, name
+

@@ -37,3 +37,25 @@ def test_block_error_tabulates_one_row_per_vector():
     frame = err.to_frame()
     assert len(frame) == 3 and np.allclose(frame["relative_error"], err.relative_errors)
     assert "relative_errors=array[3]" in repr(err)
+
+
+def test_lanczos_and_slq_print_short_and_lanczos_and_solves_tabulate():
+    """A long run's repr summarises its arrays (a notebook shows the scalars, not 400 numbers), and the
+    Ritz table / residual history come out as DataFrames whose columns are the result's own arrays."""
+    op = hu.as_operator(torch.diag(torch.linspace(-1.0, 3.0, 300, dtype=torch.float64)))
+    run = hu.lanczos(op, 200, progress=False)
+    spectrum = hu.slq(op, num_iters=200, num_probes=2, progress=False)
+    for result in (run, spectrum):
+        text = repr(result)
+        assert len(text) < 1500 and "array[" in text, text[:300]
+    frame = run.to_frame()
+    assert list(frame.columns) == ["value", "weight", "ghost", "residual"]
+    np.testing.assert_array_equal(frame["value"].to_numpy(), run.ritz_values)
+    np.testing.assert_array_equal(frame["weight"].to_numpy(), run.ritz_weights)
+    np.testing.assert_array_equal(frame["residual"].to_numpy(), run.residual_estimates)
+
+    solved = hu.cg(op, [torch.ones(300, dtype=torch.float64)], damping=2.0, progress=False)
+    history = solved.to_frame()
+    assert list(history.columns) == ["step", "relative_residual"]
+    np.testing.assert_array_equal(history["relative_residual"].to_numpy(), solved.residual_norms)
+    assert history["step"].tolist() == list(range(solved.residual_norms.size))

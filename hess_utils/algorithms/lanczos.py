@@ -43,7 +43,7 @@ import torch
 
 from hess_utils import _threads
 from hess_utils import vectors as V
-from hess_utils.algorithms._frozen import freeze_arrays
+from hess_utils.algorithms._frozen import freeze_arrays, short_repr
 from hess_utils.algorithms._products import owned_matvec
 from hess_utils.algorithms.ghosts import cullum_willoughby_mask
 from hess_utils.algorithms.probes import check_count, check_seed
@@ -141,8 +141,23 @@ class LanczosResult:
     reorth_steps: tuple[int, ...] | None = None
     max_omega: float | None = None
 
+    __repr__ = short_repr
+
     def __post_init__(self) -> None:
         freeze_arrays(self)
+
+    def to_frame(self):
+        """The Ritz table, one row per Ritz value, ascending: columns ``value, weight, ghost, residual``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "value": self.ritz_values,
+                "weight": self.ritz_weights,
+                "ghost": self.ghost_mask,
+                "residual": self.residual_estimates,
+            }
+        )
 
     def tridiagonal(self) -> np.ndarray:
         """The ``(k, k)`` float64 matrix :math:`T_k`."""

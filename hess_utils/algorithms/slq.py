@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hess_utils.algorithms._frozen import freeze_arrays
+from hess_utils.algorithms._frozen import freeze_arrays, short_repr
 from hess_utils.algorithms._products import owned_matmat
 from hess_utils.algorithms.lanczos import (
     LanczosResult,
@@ -102,6 +102,8 @@ class SLQResult:
     probe: str
     reorth: str
     runs: tuple[LanczosResult, ...]
+
+    __repr__ = short_repr
 
     def __post_init__(self) -> None:
         freeze_arrays(self)

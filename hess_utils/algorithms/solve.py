@@ -102,6 +102,14 @@ class SolveResult:
             f"num_products={self.num_products}, damping={self.damping:g})"
         )
 
+    def to_frame(self):
+        """The residual history, one row per entry of ``residual_norms``: columns ``step, relative_residual``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {"step": np.arange(self.residual_norms.size), "relative_residual": self.residual_norms}
+        )
+
 
 # ---------------------------------------------------------------------------------------------- checks
 def _check_vector(op: SymmetricOperator, v: Sequence[torch.Tensor], name: str) -> TensorList:
