@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DTYPES = {"float32": "float32", "float64": "float64", "bfloat16": "bfloat16", "float16": "float16"}
+from hess_utils.dtypes import DTYPE_NAMES, as_dtype
+
 ENGINES = ("single", "device_map", "ddp", "fsdp")
 METHODS = ("auto", "rev-rev", "fwd-rev", "fd")
 DISTRIBUTED_ENGINES = ("ddp", "fsdp")
@@ -128,7 +129,7 @@ def _add_common_args(p: argparse.ArgumentParser, method_type: Any = None) -> Non
     g.add_argument("--params", default=None,
                    help="parameter selection: comma-separated names, globs (transformer.h.0.*) or module types "
                         "(Linear) (default: all parameters)")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    g.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                    help="dtype the model is loaded in; float64 for reference numbers (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the data sample and of the random probes (default: %(default)s)")
@@ -465,13 +466,12 @@ def decoder_blocks(model: Any) -> list[Any]:
 
 def build(args: argparse.Namespace) -> Setup:
     """Load the model and batches and build the operator of ``args.engine`` (initialising torch.distributed)."""
-    import torch
 
     from hess_utils.batches import load_batches
     from hess_utils.models import load_model
 
     t0 = time.perf_counter()
-    dtype = getattr(torch, args.dtype)
+    dtype = as_dtype(args.dtype)
     method = _method(args)
     params = [s.strip() for s in args.params.split(",") if s.strip()] if args.params else None
     setup_kw: dict[str, Any] = {}

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hess_utils._io import is_complete
+from hess_utils.dtypes import as_dtype
 from hess_utils.paths import cache_dir
 from hess_utils.placement import check_materialised, validate_device_map
 from hess_utils.progress import quiet_library_bars
@@ -183,7 +184,7 @@ def _tokenizer_for(path: str, is_folder: bool, tokenizer: Any) -> PreTrainedToke
 
 def load_model(
     name: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device_map: Any = None,
     attn_implementation: str = "eager",
     tokenizer: Any = None,
@@ -196,7 +197,7 @@ def load_model(
         A prepared model (``cache_dir("models", name)``, e.g. the embedded ``"tiny-gpt2"``), a local folder,
         or a hub id.
     dtype
-        Parameter dtype (``torch.float64`` for exact work).
+        Parameter dtype, a torch dtype or its name (``torch.float64`` or ``"float64"`` for exact work).
     device_map
         ``None``: everything on CPU, no accelerate hooks. Otherwise passed to ``from_pretrained``; maps that
         offload to disk or leave weights on meta are refused.
@@ -221,6 +222,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     validate_device_map(device_map)
+    dtype = as_dtype(dtype)
     name = os.fspath(name)
     extra: dict[str, Any] = {}
     prepared = prepared_model_folder(name)

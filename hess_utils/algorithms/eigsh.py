@@ -521,11 +521,8 @@ def eigsh(
         ``m`` vectors of the operator's size and dtype (``20 x 4 x 5.3e6`` bytes = 423 MB for a float32
         5.3 M-parameter Hessian), allocated once and flat in the number of products. A larger basis restarts
         less and needs fewer products on clustered spectra (down to those of unrestarted Lanczos, which keeps
-        every vector); a smaller one (down to ``p = 1``) saves memory at the cost of more products. For the
-        top 5 of the gpt2-5m benchmark Hessian (``benchmarks/RESULTS.md``, tol ``1e-5``) a basis of 8 took
-        163 products, the default 20 took 94 (the former default ``max(2k, k + 10)``, 15 here, 105); on a
-        diagonal model of that spectrum 20 needed 74 products without the multiplicity check and
-        unrestarted Lanczos 72.
+        every vector); a smaller one (down to ``p = 1``) saves memory at the cost of more products (products
+        against basis size on the benchmark Hessian: ``benchmarks/RESULTS.md``).
     seed : int
         Seed of the start vector (Rademacher, unless ``v0`` is given) and of the Gaussian vectors drawn
         for multiplicity checks and after an invariant subspace is found.
@@ -537,8 +534,8 @@ def eigsh(
         close to the wanted set), to find copies of repeated eigenvalues that one Krylov sequence cannot
         see. Off by default, as in ARPACK (scipy's ``eigsh``) and every single-vector Krylov method: an
         exactly repeated eigenvalue is not generic for the Hessian of a trained model, and the check costs
-        what resolving the next eigenvalue behind the wanted set costs (a quarter of the products when it lies
-        close behind: ``benchmarks/RESULTS.md``). Turn it on where
+        what resolving the next eigenvalue behind the wanted set costs (``benchmarks/RESULTS.md``). Turn it
+        on where
         symmetry can make eigenvalues repeat (tied or permuted weights, a symmetric initialisation) or
         where a missed copy would change a conclusion.
     progress : bool

@@ -189,18 +189,16 @@ def omega_rounding(unit_roundoff: float, dim: int) -> float:
 
     Here no reduction of the step sums more than ``c =`` :data:`_ACC_CHUNK` (16384) entries in the vector
     dtype: :math:`\\alpha`, :math:`\\beta` and the re-orthogonalisation coefficients :math:`Q^\\top w` add
-    float32 chunk sums in float64 (:func:`_fast_dot`, :func:`_chunked_rows_dot`). Before that, the
-    coefficients were float32 matrix products over all ``n`` entries, which lost up to 330 eps relative
-    to :math:`\\lVert w \\rVert` at ``n = 5e6`` (``benchmarks/reorth_modes.py``: ``"full"`` kept the basis
-    only 5e-5 orthogonal), and :math:`\\varepsilon \\sqrt{n}` had to cover that; in float32 it passed
-    :math:`\\sqrt{\\varepsilon} / 2` once ``n > 2.1e6``, and every step re-orthogonalised. The operator's own
-    product is assumed no less accurate than such a reduction (a Hessian-vector product's sums run over
-    tokens and hidden units, not over ``n``).
+    float32 chunk sums in float64 (:func:`_fast_dot`, :func:`_chunked_rows_dot`): a float32 reduction over
+    all ``n`` entries would lose far more (``benchmarks/RESULTS.md``), and :math:`\\varepsilon \\sqrt{n}`
+    would have to cover it; in float32 that passes :math:`\\sqrt{\\varepsilon} / 2` once ``n > 2.1e6``, so
+    every step would re-orthogonalise. The operator's own product is assumed no less accurate than such a
+    reduction (a Hessian-vector product's sums run over tokens and hidden units, not over ``n``).
 
     Even so, on outlier-dominated spectra (LM Hessians) the loss along a converged outlier grows by about
-    :math:`|\\lambda - \\alpha_j| / \\beta_j` per step (80 on the benchmark spectrum), so from any reset level
+    :math:`|\\lambda - \\alpha_j| / \\beta_j` per step (far above 1 for a large outlier), so from any reset level
     it crosses :math:`\\sqrt{\\varepsilon}` within one or two steps and ``"partial"`` still re-orthogonalises
-    most steps (76 of 80 at ``n = 1e6`` in float32; ``benchmarks/RESULTS.md``).
+    most steps there (``benchmarks/RESULTS.md``).
     """
     return unit_roundoff * math.sqrt(min(dim, _ACC_CHUNK))
 
@@ -478,8 +476,8 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """``sum_i <a_i, b_i>`` as a Python float, for the alphas and betas of a step.
 
     CPU float32 blocks longer than :data:`_ACC_CHUNK`: float32 dots of chunks summed in float64 (one pass,
-    2.3 ms for 5e6 entries on one core against 8.5 ms for :func:`~hess_utils.vectors.dot`'s float64
-    conversion; accurate to a few eps of ``sum |a_i b_i|``). Other blocks: :func:`~hess_utils.vectors.dot`.
+    with no float64 copy of the block, which is what makes :func:`~hess_utils.vectors.dot` several times
+    slower there; accurate to a few eps of ``sum |a_i b_i|``). Other blocks: :func:`~hess_utils.vectors.dot`.
     """
     total = 0.0
     rest_a, rest_b = [], []

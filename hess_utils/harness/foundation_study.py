@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hess_utils.dtypes import as_dtype
 from hess_utils.harness import studies
 
 #: the exact reference run of section 2
@@ -91,7 +92,7 @@ def fd_best_with_defaults(sweep: pd.DataFrame) -> pd.DataFrame:
     from hess_utils.operators.hessian import DEFAULT_FD_EPS
 
     best = studies.fd_best_eps(sweep)
-    best["package default eps"] = [DEFAULT_FD_EPS[studies.DTYPES[d]] for d in best["dtype"]]
+    best["package default eps"] = [DEFAULT_FD_EPS[as_dtype(d)] for d in best["dtype"]]
     best["fd error at ~default"] = [error_at_nearest_step(sweep, d, k, e) for d, k, e in
                                     zip(best["dtype"], best["kind"], best["package default eps"])]
     return best

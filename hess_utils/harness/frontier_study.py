@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hess_utils.dtypes import as_dtype
 from hess_utils.harness.studies import hvp_precision, near_zero_mass, ritz_zero_test
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -203,7 +204,7 @@ def precision_runs(out: str | Path, model_name: str, data_name: str, seq_len: in
 
     small, dim = {}, 0
     for dt, ro in variants:
-        model, tokenizer = load_model(model_name, dtype=getattr(torch, dt))
+        model, tokenizer = load_model(model_name, dtype=as_dtype(dt))
         batches = load_batches(data_name, tokenizer, seq_len=seq_len, num_sequences=num_sequences,
                                batch_size=num_sequences, seed=seed)
         op = hessian_operator(model, batches, method="rev-rev", keep_graph=True)

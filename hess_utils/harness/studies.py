@@ -35,6 +35,7 @@ from hess_utils import loss as L
 from hess_utils import vectors as V
 from hess_utils.algorithms.lanczos import machine_epsilon
 from hess_utils.algorithms.probes import probe_seed
+from hess_utils.dtypes import as_dtype
 from hess_utils.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,24 +43,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from hess_utils.operators.base import SymmetricOperator
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def unit_roundoff(dtype: str | torch.dtype) -> float:
     """``u = eps / 2`` of a floating dtype (1.1e-16 float64, 6.0e-8 float32, 3.9e-3 bfloat16)."""
-    return machine_epsilon([_dtype(dtype)]) / 2
+    return machine_epsilon([as_dtype(dtype)]) / 2
 
 
 def relative_error(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -183,7 +169,7 @@ def fd_error_sweep(
     with sweep_bar as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the low-precision warning is the point of the sweep
         for name in dtypes:
-            dtype = _dtype(name)
+            dtype = as_dtype(name)
             low = _cast_model(model, dtype)
             exact = hessian_operator(low, batches, params=params, method="rev-rev")
             for kind in vector_kinds:
@@ -857,7 +843,7 @@ def ghost_study(
     dim = matrix.shape[0]
     tables, ritz = [], []
     for name in dtypes:
-        dtype = _dtype(name)
+        dtype = as_dtype(name)
         table, extra = ablations.ghost_table(matrix.to(dtype), iterations, seed=seed, progress=progress)
         tables.append(table.assign(dtype=name))
         eps = float(torch.finfo(dtype).eps)
@@ -1075,7 +1061,7 @@ def banded_columns(
     import hess_utils as hu
     from hess_utils.algorithms.columns import hessian_column, random_indices, threshold_table
 
-    model, tokenizer = hu.load_model(model_name, dtype=_dtype(dtype))
+    model, tokenizer = hu.load_model(model_name, dtype=as_dtype(dtype))
     fractions, hists, stats, noise = [], [], [], []
     for size in progress_bar(list(subsample_sizes), desc="subsample sizes", disable=not progress):
         batches = hu.load_batches(data_name, tokenizer, seq_len=seq_len, num_sequences=size,
