@@ -31,7 +31,8 @@ from benchmarks.results_md import replace_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HVP_SYSTEMS = [S.GRADIENT, *S.PEERS, "ours-rebuilt", "ours-kept", "ours-kept-pair", "ours-fd", "ours-fd-fixed"]
-SLQ_SYSTEMS = ["pyhessian", "eigenthings", "curvlinops", "eigenthings-fd", "ours-kept", "ours-kept-pair"]
+SLQ_SYSTEMS = ["pyhessian", "eigenthings", "curvlinops", "eigenthings-fd", "ours-kept", "ours-kept-in-turn",
+               "ours-kept-pair"]
 
 
 def worker(task: str, system: str, workload: str, device: str, extra: list[str] = (), env: dict | None = None,
@@ -136,8 +137,8 @@ def run_workload(workload: str, args, device: str, raw: list[dict]) -> list[dict
     unit_time = med(rows[S.GRADIENT]["times"]) if S.GRADIENT in rows else float("nan")
     unit_mem = rows.get(S.GRADIENT, {}).get("mem")
     table = []
-    for s in systems:
-        info = rows[s]
+    for s in dict.fromkeys(systems + slq_systems):  # an SLQ-only system gets a row with its SLQ columns
+        info = rows.get(s, {"times": [], "grads": [], "ratios": [], "mem": None})
         pred = work / f"{s}.pt"
         row = {
             "workload": workload,
@@ -214,7 +215,7 @@ def main() -> None:
     ap.add_argument("--slq", default="80x2,30x1", help="SLQ shapes ITERSxPROBES, comma separated")
     ap.add_argument("--slq-workloads", default="gpt2-5m")
     ap.add_argument("--slq-repeats", type=int, default=1)
-    ap.add_argument("--systems", default=",".join(HVP_SYSTEMS))
+    ap.add_argument("--systems", default=",".join(dict.fromkeys(HVP_SYSTEMS + SLQ_SYSTEMS)))
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--fresh-reference", action="store_true")
     ap.add_argument("--tag", default=None, help="file name stem under benchmarks/results/")

@@ -177,7 +177,7 @@ def _ours_hvp_pair(op, v):
     return op.matmat([v, v])[0]
 
 
-def _ours_slq(probes_at_once=1):
+def _ours_slq(probes_at_once="auto"):
     def run(op, iters, probes, seed):
         from hess_utils.algorithms.slq import slq
 
@@ -201,10 +201,15 @@ SYSTEMS: dict[str, System] = {
                              _eigenthings_hvp, _eigenthings_slq, "fixed step 5e-3"),
     "ours-rebuilt": System("hess_utils rev-rev, graph rebuilt", _ours_setup("rev-rev"), _ours_hvp),
     "ours-kept": System("hess_utils rev-rev, keep_graph='auto'", _ours_setup("rev-rev", "auto"), _ours_hvp,
-                        _ours_slq("auto"), "SLQ: probes_at_once='auto' (in turn on a CPU, together on a GPU)"),
+                        _ours_slq(), "SLQ: the defaults (probes_at_once='auto': on a CPU two probes interleaved, "
+                        "one's Lanczos step beside the other's product; on a GPU all together)"),
+    "ours-kept-in-turn": System("hess_utils rev-rev kept, probes in turn", _ours_setup("rev-rev", "auto"), _ours_hvp,
+                                _ours_slq(probes_at_once=1),
+                                "SLQ: probes_at_once=1, each Lanczos step after its product (the former default)"),
     "ours-kept-pair": System("hess_utils rev-rev kept, 2 vectors per matmat", _ours_setup("rev-rev", "auto"),
                              _ours_hvp_pair, _ours_slq(probes_at_once=2),
-                             "time per vector; SLQ: both probes advanced together (one batched double backward)"),
+                             "time per vector; SLQ: both probes advanced together (one batched double backward "
+                             "where the operator batches, interleaved on a CPU)"),
     "ours-fd": System("hess_utils central FD, adaptive step (default, 4 gradients)", _ours_setup("fd"), _ours_hvp),
     "ours-fd-fixed": System("hess_utils central FD, fixed step (2 gradients)", _ours_setup("fd", fd_mode="fixed"),
                             _ours_hvp),

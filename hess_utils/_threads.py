@@ -40,6 +40,28 @@ def _one_thread_each() -> None:
     torch.set_num_threads(1)
 
 
+_side: ThreadPoolExecutor | None = None
+_side_threads = 0
+
+
+def side_thread() -> ThreadPoolExecutor:
+    """One worker thread for a task to run beside the caller's (e.g. a Lanczos step beside a product).
+
+    It runs with the caller's torch thread count, so work it does splits exactly as it would in the caller
+    (:func:`cpu_workers`) and gives the same numbers; rebuilt when that count changes.
+    """
+    global _side, _side_threads
+    threads = torch.get_num_threads()
+    with _lock:
+        if _side is None or _side_threads != threads:
+            if _side is not None:
+                _side.shutdown(wait=False)
+            _side, _side_threads = ThreadPoolExecutor(
+                1, thread_name_prefix="hess-side", initializer=torch.set_num_threads, initargs=(threads,)
+            ), threads
+        return _side
+
+
 def deal(sizes: list[int], workers: int, piece: int = 1) -> list[list[tuple[int, int, int]]]:
     """Deal ranges ``[0, sizes[i])`` into ``workers`` near-equal shares of ``(i, start, stop)``.
 

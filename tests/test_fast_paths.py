@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -130,19 +132,89 @@ def test_slq_with_probes_together_equals_probes_one_after_the_other():
     k = 12
     one = slq(op, k, 3, seed=5, progress=False, probes_at_once=1)
     together = slq(op, k, 3, seed=5, progress=False, probes_at_once=3)
-    default = slq(op, k, 3, seed=5, progress=False, probes_at_once="auto")
-    # On a CPU "auto" runs the probes in turn: the batched double backward is slower per vector there.
+    default = slq(op, k, 3, seed=5, progress=False)
+    # On a CPU the batched double backward is slower per vector, so the operator does not batch: probes
+    # advancing together take turns, each one's Lanczos step beside the next one's product ("auto": two at
+    # a time), and every run is bit for bit the one it would be alone.
     from hess_utils.algorithms.slq import _group_size
 
-    assert _group_size(op, k, 3, "full") == 1
+    assert not op.batched_matmat and _group_size(op, k, 3, "full") == 2
     for res in (together, default):
-        np.testing.assert_allclose(res.alphas, one.alphas, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(res.ritz_values, one.ritz_values, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(res.ritz_weights, one.ritz_weights, rtol=1e-8, atol=1e-12)
+        np.testing.assert_array_equal(res.alphas, one.alphas)
+        np.testing.assert_array_equal(res.betas, one.betas)
+        np.testing.assert_array_equal(res.ritz_values, one.ritz_values)
+        np.testing.assert_array_equal(res.ritz_weights, one.ritz_weights)
     # And the same as a single Lanczos run from the same probe.
     single = lanczos(op, k, seed=5 * 1_000_003 + 1, progress=False)
     np.testing.assert_allclose(together.runs[1].ritz_values, single.ritz_values, rtol=1e-10, atol=1e-12)
     assert together.runs[1].orthogonality_loss < 1e-12
+
+
+class _Timed:
+    """A dense symmetric operator whose products take ``delay`` seconds, each recorded as (start, end)."""
+
+    def __init__(self, n: int = 60, delay: float = 0.03) -> None:
+        from hess_utils.operators import as_operator
+
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=g, dtype=torch.float64)
+        self.op = as_operator(a + a.T)
+        self.delay, self.products = delay, []
+        inner = self.op._matvec
+
+        def slow(v):
+            start = time.perf_counter()
+            time.sleep(self.delay)
+            out = inner(v)
+            self.products.append((start, time.perf_counter()))
+            return out
+
+        self.op._matvec = slow
+
+
+def test_probes_advanced_together_overlap_each_step_with_the_next_product(monkeypatch):
+    """On an operator that computes one product at a time, each run's Lanczos step runs in a side thread while
+    the next run's product runs; the results stay bit for bit those of the probes one after the other."""
+    import threading
+
+    slq_module = sys.modules["hess_utils.algorithms.slq"]
+    steps = []
+    advance = slq_module.lanczos_advance
+
+    def slow_advance(state, w):  # a step as long as a product, so that overlap (or its absence) is plain
+        start = time.perf_counter()
+        time.sleep(0.03)
+        out = advance(state, w)
+        steps.append((start, time.perf_counter(), threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(slq_module, "lanczos_advance", slow_advance)
+
+    def overlaps(timed):
+        return sum(1 for a, b, _ in steps for c, d in timed.products if a < d - 0.005 and c < b - 0.005)
+
+    alone = _Timed()
+    one = slq(alone.op, 6, 2, seed=1, progress=False, probes_at_once=1)
+    assert overlaps(alone) == 0  # one after the other: a step never runs beside a product
+    steps.clear()
+    paired = _Timed()
+    default = slq(paired.op, 6, 2, seed=1, progress=False)  # "auto": two probes interleaved here
+    assert overlaps(paired) >= 8  # 12 steps; all but the last of each run overlap a product of the other
+    assert {name.split("_")[0] for _, _, name in steps} == {"hess-side"}
+    for name in ("alphas", "betas", "ritz_values", "ritz_weights"):
+        np.testing.assert_array_equal(getattr(default, name), getattr(one, name))
+
+
+def test_default_group_is_two_interleaved_probes_when_their_bases_fit(monkeypatch):
+    slq_module = sys.modules["hess_utils.algorithms.slq"]
+    op = _Timed().op
+    assert not op.batched_matmat
+    assert slq_module._group_size(op, 20, 4, "full") == 2
+    assert slq_module._group_size(op, 20, 1, "full") == 1
+    basis = 21 * 60 * 8  # bytes of one basis of 21 float64 rows
+    monkeypatch.setattr(slq_module, "free_memory", lambda device: 3 * basis)  # half of it holds one basis
+    assert slq_module._group_size(op, 20, 4, "full") == 1
+    assert slq_module._group_size(op, 20, 4, "none") == 2  # no basis to hold
 
 
 def test_reorthogonalisation_keeps_the_basis_orthogonal_on_a_hard_spectrum():

@@ -66,6 +66,9 @@ def _same_tridiagonals(a, b) -> None:
 
 
 def _interrupted_then_resumed(op, run_dir: Path, stop_at: int, reorth: str, **kw):
+    # The product counts of these tests assume probes one after the other (default "auto" interleaves two on
+    # a CPU); groups of probes are checkpointed and resumed in test_lockstep_group_checkpoint_resumes_bit_for_bit.
+    kw.setdefault("probes_at_once", 1)
     wrapped = Interrupting(op, stop_at)
     with pytest.raises(KeyboardInterrupt):
         slq(wrapped, ITERS, PROBES, checkpoint_dir=run_dir, reorth=reorth, seed=SEED, progress=False, **kw)
@@ -196,7 +199,7 @@ _KILL_SCRIPT = textwrap.dedent("""
         return inner(v)
     op._matvec = slow
     slq(op, 30, 3, reorth="full", seed=5, progress=False, checkpoint_dir=run_dir, checkpoint_every=4,
-        config={{"test": "kill"}})
+        config={{"test": "kill"}}, probes_at_once=1)  # probe by probe: the layout the test kills into
 """)
 
 

@@ -29,8 +29,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from hess_utils import _threads
 from hess_utils.algorithms._frozen import freeze_arrays, short_repr
-from hess_utils.algorithms._products import owned_matmat
+from hess_utils.algorithms._products import owned_matmat, owned_matvec
 from hess_utils.algorithms.lanczos import (
     LanczosResult,
     LanczosState,
@@ -185,7 +186,7 @@ def slq(
     seed: int = 0,
     probe: str = "rademacher",
     progress: bool = True,
-    probes_at_once: int | str = 1,
+    probes_at_once: int | str = "auto",
     *,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
@@ -218,15 +219,17 @@ def slq(
     progress : bool
         Show one progress bar over all ``P * k`` products (with a run folder: on the writer only).
     probes_at_once : int or "auto", optional
-        How many runs advance together: their products are computed by one
-        :meth:`~hess_utils.operators.base.SymmetricOperator.matmat` call (for a Hessian, one double
-        backward for all of them). The runs are the same as one after the other to rounding (not bit for
-        bit, hence the default 1). ``"auto"``: all ``P`` when the operator batches products
-        (``op.batched_matmat``) on an accelerator and their Lanczos bases fit together in half the free
-        memory of the basis device, else 1; on a CPU the batched double backward costs more per vector than
-        one product after the other, so ``"auto"`` runs the probes in turn there. A run folder checkpoints a
-        group of probes advancing together as well as a single one; it does not record this choice (it
-        changes rounding only), and a resumed group continues together as it started.
+        How many runs advance together. With an operator that batches products (``op.batched_matmat``: a
+        Hessian on an accelerator) their products are one
+        :meth:`~hess_utils.operators.base.SymmetricOperator.matmat` call (one double backward for all),
+        the same as one run after the other to rounding, not bit for bit. Otherwise the products come one at
+        a time and each run's Lanczos step (its re-orthogonalisation, bound by memory bandwidth) runs in a
+        side thread while the next run's product runs, which hides most of the step's cost; the runs are
+        then bit-identical to one after the other. ``"auto"`` (default): all ``P`` for a batching operator,
+        2 otherwise, as long as their Lanczos bases fit together in half the free memory of the basis
+        device, else 1 (one run after the other, reusing one basis). A run folder checkpoints a group of
+        probes advancing together as well as a single one; it does not record this choice (it changes
+        rounding at most), and a resumed group continues together as it started.
     checkpoint_dir : path, optional
         The run folder (created if needed); None (default): nothing is written.
     checkpoint_every : int
@@ -315,12 +318,18 @@ def slq(
 
 
 def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: str) -> int:
-    """Default ``probes_at_once``: all probes when the operator batches on an accelerator and their bases
-    fit, else 1 (the batched double backward loses to one product after the other on a CPU)."""
-    if num_probes == 1 or not op.batched_matmat:
+    """Default ``probes_at_once``: as many probes as gain from advancing together and whose bases fit in
+    half the free memory of the basis device.
+
+    An operator that batches products (``op.batched_matmat``: one double backward for all) takes all
+    probes; one that computes a product at a time takes two, interleaved (:func:`_run_interleaved`: one
+    run's step beside the other's product), which needs nothing more than the second basis.
+    """
+    if num_probes == 1:
         return 1
+    wanted = num_probes if op.batched_matmat else 2
     if reorth == "none":
-        return num_probes
+        return wanted
     bytes_per_basis = (num_iters + 1) * sum(
         int(np.prod(s)) * torch.empty((), dtype=d).element_size() for s, d in zip(op.shapes, op.dtypes)
     )
@@ -328,7 +337,7 @@ def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: 
     free = free_memory(device)
     if free is None:
         return 1
-    return max(1, min(num_probes, int(0.5 * free // max(bytes_per_basis, 1))))
+    return max(1, min(wanted, int(0.5 * free // max(bytes_per_basis, 1))))
 
 
 def _run_together(
@@ -340,6 +349,8 @@ def _run_together(
     ends one probe before the others), so a checkpoint of the group saves that probe's result, not a state
     it could not continue. ``store`` (a run folder) is told of every step.
     """
+    if not op.batched_matmat:
+        return _run_interleaved(op, slots, bar, store)
     while True:
         active = [i for i, s in enumerate(slots) if isinstance(s, LanczosState) and not s.done]
         if not active:
@@ -356,6 +367,62 @@ def _run_together(
         del states, products
         if store is not None:
             store.stepped(len(active))
+    return [s if isinstance(s, LanczosResult) else lanczos_finish(s) for s in slots]
+
+
+def _run_interleaved(
+    op: SymmetricOperator, slots: list[LanczosState | LanczosResult], bar: tqdm, store: SLQStore | None = None
+) -> list[LanczosResult]:
+    """:func:`_run_together` for an operator that computes one product at a time: each run's Lanczos step
+    after its product (re-orthogonalisation against its basis: bound by memory bandwidth) runs in a side
+    thread while the next run's product (bound by arithmetic) runs here.
+
+    Every run does the same operations in the same order as alone, so the results are bit-identical to
+    running the probes one after the other; only their order in time changes. A round gives each live run
+    one product; ``store`` is told of a round when its last step is done, which is after the next round's
+    first product has been computed but before any state moved on, so a checkpoint sees every run exactly at
+    the end of the round.
+    """
+    side = _threads.side_thread()
+    inflight: list = []  # at most one [future, slot index, products of the round it closes (0: none)]
+
+    def settle() -> None:
+        if not inflight:
+            return
+        future, i, closes = inflight.pop()
+        future.result()
+        state = slots[i]
+        bar.update(1)
+        if state.done:
+            bar.update(state.num_iters - state.iteration)
+            slots[i] = lanczos_finish(state)
+        if closes and store is not None:
+            store.stepped(closes)
+
+    try:
+        while True:
+            pending = inflight[0][1] if inflight else None
+            live = [i for i, s in enumerate(slots) if isinstance(s, LanczosState) and (i == pending or not s.done)]
+            if not live:
+                break
+            products = 0
+            for i in live:
+                if inflight and inflight[0][1] == i:  # its own step must be done before its next product
+                    settle()
+                state = slots[i]
+                if not isinstance(state, LanczosState) or state.done:
+                    continue
+                w = owned_matvec(op, state.q, keep=state.q_prev or ())
+                settle()
+                inflight.append([side.submit(lanczos_advance, state, w), i, 0])
+                products += 1
+            if not products:
+                break
+            inflight[0][2] = products  # the round's last step closes it
+    finally:
+        if inflight:  # an error or interrupt here: let the step in flight finish before the state is used
+            inflight[0][0].exception()
+    settle()
     return [s if isinstance(s, LanczosResult) else lanczos_finish(s) for s in slots]
 
 
