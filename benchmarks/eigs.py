@@ -554,8 +554,8 @@ def main(argv: list[str] | None = None) -> None:
         report(args, specs, runs, stem, label, check_op.dim, previous["command"], started, done=True)
 
 
-def started_at(record: dict) -> str:
-    """The provenance's creation time, to the minute (``YYYY-MM-DD HH:MM``)."""
+def finished_at(record: dict) -> str:
+    """The provenance's creation time (written at the end of the run), to the minute (``YYYY-MM-DD HH:MM``)."""
     return str(record.get("created", ""))[:16].replace("T", " ")
 
 
@@ -604,8 +604,8 @@ def report(args, specs, runs, stem, label, dim, command, started, done) -> None:
     if done:
         print(f"wrote {RESULTS / stem}.csv/.json/.md", flush=True)
         if args.results_md:
-            replace_section("eigs", f"### Top-{args.k} eigenpairs (`benchmarks.eigs`), {started_at(record)}\n\n"
-                                    + head + table + f"\nRaw data: `benchmarks/results/{stem}.json`.\n")
+            title = f"### Top-{args.k} eigenpairs (`benchmarks.eigs`), finished {finished_at(record)}\n\n"
+            replace_section("eigs", title + head + table + f"\nRaw data: `benchmarks/results/{stem}.json`.\n")
             print("updated its section of benchmarks/RESULTS.md", flush=True)
 
 

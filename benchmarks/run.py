@@ -117,8 +117,8 @@ def run_workload(workload: str, args, device: str, raw: list[dict]) -> list[dict
         if rows[s]["mem"] is not None:
             print(f"   {s:16s} peak {rows[s]['mem'] / 2**20:.0f} MiB above the model", flush=True)
 
-    slq = {s: {} for s in systems}
     slq_systems = [s for s in SLQ_SYSTEMS if s in args.systems]
+    slq = {s: {} for s in dict.fromkeys(systems + slq_systems)}
     if workload in args.slq_workloads:
         for shape in args.slq:
             iters, probes = (int(x) for x in shape.split("x"))

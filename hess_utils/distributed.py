@@ -19,6 +19,18 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def min_on_all_ranks(value: int, device: torch.device) -> int:
+    """The smallest of the integers the ranks passed (a min all-reduce on ``device``; a meta device counts as
+    the CPU); ``value`` itself without torch.distributed."""
+    if not is_distributed():
+        return int(value)
+    if device.type == "meta":
+        device = torch.device("cpu")
+    mine = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(mine, op=dist.ReduceOp.MIN)
+    return int(mine.item())
+
+
 def same_on_all_ranks(values: Sequence[int], device: torch.device) -> bool:
     """Whether every rank passed the same integers (an elementwise min and max all-reduce, on ``device``;
     a meta device counts as the CPU). True without torch.distributed."""

@@ -14,16 +14,11 @@ DTYPE_NAMES = ("float64", "float32", "bfloat16", "float16")
 
 
 def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``dtype`` as a floating torch dtype: a ``torch.dtype`` as it is, or one of :data:`DTYPE_NAMES`."""
+    """``dtype`` as a floating torch dtype: a floating ``torch.dtype`` as it is, or one of :data:`DTYPE_NAMES`."""
     import torch
 
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if dtype not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; pass a torch dtype or one of {', '.join(DTYPE_NAMES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; pass a floating torch dtype or one of {', '.join(DTYPE_NAMES)}")
     return getattr(torch, dtype)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``"float32"`` for ``torch.float32``."""
-    return str(dtype).replace("torch.", "")

@@ -197,7 +197,8 @@ def load_model(
         A prepared model (``cache_dir("models", name)``, e.g. the embedded ``"tiny-gpt2"``), a local folder,
         or a hub id.
     dtype
-        Parameter dtype, a torch dtype or its name (``torch.float64`` or ``"float64"`` for exact work).
+        Parameter dtype, a floating torch dtype or its name (``torch.float64`` or ``"float64"`` for exact work), or
+        ``"auto"`` for the checkpoint's own.
     device_map
         ``None``: everything on CPU, no accelerate hooks. Otherwise passed to ``from_pretrained``; maps that
         offload to disk or leave weights on meta are refused.
@@ -222,7 +223,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     validate_device_map(device_map)
-    dtype = as_dtype(dtype)
+    dtype = dtype if dtype == "auto" else as_dtype(dtype)  # "auto": the checkpoint's own, as transformers reads it
     name = os.fspath(name)
     extra: dict[str, Any] = {}
     prepared = prepared_model_folder(name)

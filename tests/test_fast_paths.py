@@ -173,13 +173,13 @@ class _Timed:
 
 
 def test_probes_advanced_together_overlap_each_step_with_the_next_product(monkeypatch):
-    """On an operator that computes one product at a time, each run's Lanczos step runs in a side thread while
-    the next run's product runs; the results stay bit for bit those of the probes one after the other."""
+    """On a CPU operator that computes one product at a time, each run's Lanczos step runs in a side thread
+    while the next run's product runs; the results stay bit for bit those of the probes one after the other."""
     import threading
 
-    slq_module = sys.modules["hess_utils.algorithms.slq"]
+    slq_module, lanczos_module = sys.modules["hess_utils.algorithms.slq"], sys.modules["hess_utils.algorithms.lanczos"]
     steps = []
-    advance = slq_module.lanczos_advance
+    advance = lanczos_module.lanczos_advance
 
     def slow_advance(state, w):  # a step as long as a product, so that overlap (or its absence) is plain
         start = time.perf_counter()
@@ -188,24 +188,48 @@ def test_probes_advanced_together_overlap_each_step_with_the_next_product(monkey
         steps.append((start, time.perf_counter(), threading.current_thread().name))
         return out
 
-    monkeypatch.setattr(slq_module, "lanczos_advance", slow_advance)
+    monkeypatch.setattr(slq_module, "lanczos_advance", slow_advance)  # the interleaved path
+    monkeypatch.setattr(lanczos_module, "lanczos_advance", slow_advance)  # lanczos_step, one run after the other
 
     def overlaps(timed):
         return sum(1 for a, b, _ in steps for c, d in timed.products if a < d - 0.005 and c < b - 0.005)
 
     alone = _Timed()
     one = slq(alone.op, 6, 2, seed=1, progress=False, probes_at_once=1)
-    assert overlaps(alone) == 0  # one after the other: a step never runs beside a product
+    assert len(steps) == 12 and overlaps(alone) == 0  # one after the other: a step never runs beside a product
     steps.clear()
     paired = _Timed()
     default = slq(paired.op, 6, 2, seed=1, progress=False)  # "auto": two probes interleaved here
-    assert overlaps(paired) >= 8  # 12 steps; all but the last of each run overlap a product of the other
+    assert len(steps) == 12
+    assert overlaps(paired) >= 8  # all but the last step of each run overlap a product of the other
     assert {name.split("_")[0] for _, _, name in steps} == {"hess-side"}
     for name in ("alphas", "betas", "ritz_values", "ritz_weights"):
         np.testing.assert_array_equal(getattr(default, name), getattr(one, name))
 
 
-def test_default_group_is_two_interleaved_probes_when_their_bases_fit(monkeypatch):
+def test_interleaved_runs_split_across_threads_are_bit_identical(monkeypatch):
+    """The side thread splits a re-orthogonalisation among the caller's thread count, as the caller would."""
+    lanczos_module, vectors_module = sys.modules["hess_utils.algorithms.lanczos"], sys.modules["hess_utils.vectors"]
+    monkeypatch.setattr(lanczos_module, "_MIN_SPLIT_COLUMNS", 16)
+    monkeypatch.setattr(vectors_module, "_MIN_SPLIT_ENTRIES", 16)
+    monkeypatch.setattr(vectors_module, "_MIN_SPLIT_BLOCK", 16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        from hess_utils.operators import as_operator
+
+        a = torch.randn(400, 400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        for dtype in (torch.float64, torch.float32):
+            op = as_operator((a + a.T).to(dtype))
+            one = slq(op, 30, 3, seed=2, progress=False, probes_at_once=1)
+            together = slq(op, 30, 3, seed=2, progress=False, probes_at_once=3)
+            for name in ("alphas", "betas", "ritz_values", "ritz_weights"):
+                np.testing.assert_array_equal(getattr(together, name), getattr(one, name))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_default_group_is_two_interleaved_probes_on_a_cpu_when_their_bases_fit(monkeypatch):
     slq_module = sys.modules["hess_utils.algorithms.slq"]
     op = _Timed().op
     assert not op.batched_matmat
@@ -215,6 +239,8 @@ def test_default_group_is_two_interleaved_probes_when_their_bases_fit(monkeypatc
     monkeypatch.setattr(slq_module, "free_memory", lambda device: 3 * basis)  # half of it holds one basis
     assert slq_module._group_size(op, 20, 4, "full") == 1
     assert slq_module._group_size(op, 20, 4, "none") == 2  # no basis to hold
+    op.batched_matmat = True  # batching changes rounding: asked for with an integer, never by default
+    assert slq_module._group_size(op, 20, 4, "none") == 1
 
 
 def test_reorthogonalisation_keeps_the_basis_orthogonal_on_a_hard_spectrum():

@@ -344,9 +344,11 @@ def test_load_model_takes_a_dtype_name_and_refuses_an_unknown_one(tmp_path):
 
     assert [as_dtype(n) for n in DTYPE_NAMES] == [torch.float64, torch.float32, torch.bfloat16, torch.float16]
     assert as_dtype(torch.float64) is torch.float64
+    with pytest.raises(ValueError, match="unknown dtype torch.int64"):
+        as_dtype(torch.int64)
     cfg = tf.GPT2Config(vocab_size=32, n_positions=8, n_embd=8, n_layer=1, n_head=2)
     tf.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
     model, _ = models.load_model(tmp_path, dtype="float64", tokenizer=False)
     assert {p.dtype for p in model.parameters()} == {torch.float64}
-    with pytest.raises(ValueError, match="unknown dtype 'double'; pass a torch dtype or one of float64"):
+    with pytest.raises(ValueError, match="unknown dtype 'double'; pass a floating torch dtype or one of float64"):
         models.load_model(tmp_path, dtype="double", tokenizer=False)

@@ -56,6 +56,6 @@ def test_lanczos_and_slq_print_short_and_lanczos_and_solves_tabulate():
 
     solved = hu.cg(op, [torch.ones(300, dtype=torch.float64)], damping=2.0, progress=False)
     history = solved.to_frame()
-    assert list(history.columns) == ["step", "relative_residual"]
+    assert list(history.columns) == ["entry", "relative_residual"]
     np.testing.assert_array_equal(history["relative_residual"].to_numpy(), solved.residual_norms)
-    assert history["step"].tolist() == list(range(solved.residual_norms.size))
+    assert history["entry"].tolist() == list(range(solved.residual_norms.size))

@@ -313,14 +313,15 @@ def test_corrupt_checkpoint_is_refused(tmp_path, damage):
 def test_kill_between_sidecar_and_checkpoint_rename_is_recoverable(tmp_path):
     """The sidecar is renamed first and accepts the checkpoint it replaces: a kill between the two is harmless."""
     op = _operator()
+    one = {"probes_at_once": 1, "checkpoint_every": 3}  # probe after probe: the iterations below
     with pytest.raises(KeyboardInterrupt):  # checkpoints at iterations 3 and 6 of probe 1
-        slq(Interrupting(op, ITERS + 7), ITERS, PROBES, seed=SEED, progress=False, checkpoint_dir=tmp_path,
-            checkpoint_every=3)
+        slq(Interrupting(op, ITERS + 7), ITERS, PROBES, seed=SEED, progress=False, checkpoint_dir=tmp_path, **one)
     old = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(KeyboardInterrupt):  # resumes at 6, saves at 9, stops at 10
-        slq(Interrupting(op, 5), ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, checkpoint_every=3, progress=False)
+        slq(Interrupting(op, 5), ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, progress=False, **one)
+    assert (tmp_path / "checkpoint.pt").read_bytes() != old  # the save at 9 happened: there is a race to undo
     (tmp_path / "checkpoint.pt").write_bytes(old)  # as if killed after the sidecar's rename, before the checkpoint's
-    result = slq(op, ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, checkpoint_every=3, progress=False)
+    result = slq(op, ITERS, PROBES, checkpoint_dir=tmp_path, seed=SEED, progress=False, **one)
     _same_tridiagonals(result, slq(op, ITERS, PROBES, seed=SEED, progress=False))
 
 

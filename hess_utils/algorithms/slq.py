@@ -42,6 +42,7 @@ from hess_utils.algorithms.lanczos import (
     lanczos_step,
 )
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
+from hess_utils.distributed import min_on_all_ranks
 from hess_utils.operators.base import SymmetricOperator
 from hess_utils.progress import progress_bar, set_postfix
 from hess_utils.vectors import free_memory
@@ -219,17 +220,18 @@ def slq(
     progress : bool
         Show one progress bar over all ``P * k`` products (with a run folder: on the writer only).
     probes_at_once : int or "auto", optional
-        How many runs advance together. With an operator that batches products (``op.batched_matmat``: a
-        Hessian on an accelerator) their products are one
-        :meth:`~hess_utils.operators.base.SymmetricOperator.matmat` call (one double backward for all),
-        the same as one run after the other to rounding, not bit for bit. Otherwise the products come one at
-        a time and each run's Lanczos step (its re-orthogonalisation, bound by memory bandwidth) runs in a
-        side thread while the next run's product runs, which hides most of the step's cost; the runs are
-        then bit-identical to one after the other. ``"auto"`` (default): all ``P`` for a batching operator,
-        2 otherwise, as long as their Lanczos bases fit together in half the free memory of the basis
-        device, else 1 (one run after the other, reusing one basis). A run folder checkpoints a group of
-        probes advancing together as well as a single one; it does not record this choice (it changes
-        rounding at most), and a resumed group continues together as it started.
+        How many runs advance together, one step each per round. With an operator that batches products
+        (``op.batched_matmat``: an exact Hessian on an accelerator) a round's products are one
+        :meth:`~hess_utils.operators.base.SymmetricOperator.matmat` call (one double backward for all), the
+        same as one run after the other to rounding, not bit for bit. On a CPU the products come one at a
+        time and each run's Lanczos step (its re-orthogonalisation, bound by memory bandwidth) runs in a side
+        thread while the next run's product runs, which hides much of the step's cost; the runs are then
+        bit-identical to one after the other. ``"auto"`` (default): 2 on a CPU operator that does not batch,
+        when both Lanczos bases fit in half the free memory, else 1 (one run after the other, reusing one
+        basis); under torch.distributed the smallest choice of all ranks. Batching on an accelerator changes
+        rounding, so it is asked for with an integer. A run folder checkpoints a group of probes advancing
+        together as well as a single one; it does not record this choice (it changes rounding at most), and
+        a resumed group continues together as it started.
     checkpoint_dir : path, optional
         The run folder (created if needed); None (default): nothing is written.
     checkpoint_every : int
@@ -317,39 +319,45 @@ def slq(
     return result
 
 
-def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: str) -> int:
-    """Default ``probes_at_once``: as many probes as gain from advancing together and whose bases fit in
-    half the free memory of the basis device.
+def _on_cpu(op: SymmetricOperator) -> bool:
+    return all(torch.device(d).type == "cpu" for d in op.devices)
 
-    An operator that batches products (``op.batched_matmat``: one double backward for all) takes all
-    probes; one that computes a product at a time takes two, interleaved (:func:`_run_interleaved`: one
-    run's step beside the other's product), which needs nothing more than the second basis.
+
+def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: str) -> int:
+    """``probes_at_once="auto"``: two runs interleaved (:func:`_run_interleaved`) on a CPU operator that computes
+    one product at a time, when both Lanczos bases fit in half the free memory; else 1.
+
+    Interleaving changes when a step runs, not what it computes, so the default keeps results bit for bit
+    those of one probe after the other. Batching the products of several probes (an accelerator's
+    ``op.batched_matmat``) changes their rounding, so it is asked for with an integer, never chosen by
+    memory. Under torch.distributed every rank takes the smallest choice of all ranks: they must multiply
+    the same probes' vectors in the same collectives.
     """
-    if num_probes == 1:
-        return 1
-    wanted = num_probes if op.batched_matmat else 2
-    if reorth == "none":
-        return wanted
-    bytes_per_basis = (num_iters + 1) * sum(
-        int(np.prod(s)) * torch.empty((), dtype=d).element_size() for s, d in zip(op.shapes, op.dtypes)
-    )
-    device = torch.device("cpu") if reorth == "offload" else torch.device(op.devices[0])
-    free = free_memory(device)
-    if free is None:
-        return 1
-    return max(1, min(wanted, int(0.5 * free // max(bytes_per_basis, 1))))
+    group = 1
+    if num_probes > 1 and not op.batched_matmat and _on_cpu(op):
+        group = 2
+        if reorth != "none":
+            bytes_per_basis = (num_iters + 1) * sum(
+                int(np.prod(s)) * torch.empty((), dtype=d).element_size() for s, d in zip(op.shapes, op.dtypes)
+            )
+            free = free_memory(torch.device("cpu"))
+            group = 1 if free is None else max(1, min(group, int(0.5 * free // max(bytes_per_basis, 1))))
+    return min_on_all_ranks(group, torch.device(op.devices[0]))
 
 
 def _run_together(
     op: SymmetricOperator, slots: list[LanczosState | LanczosResult], bar: tqdm, store: SLQStore | None = None
 ) -> list[LanczosResult]:
-    """Advance several Lanczos states in lockstep, one ``matmat`` per step for the unfinished ones.
+    """Advance several Lanczos states in lockstep, one step each per round.
 
+    An operator that batches products computes a round's products in one ``matmat``; on a CPU the products
+    come one at a time and each state's step runs beside the next product (:func:`_run_interleaved`);
+    elsewhere the products of a round come one after the other, then the steps.
     ``slots`` is updated in place: a state is replaced by its result as soon as it is done (a breakdown
     ends one probe before the others), so a checkpoint of the group saves that probe's result, not a state
-    it could not continue. ``store`` (a run folder) is told of every step.
+    it could not continue. ``store`` (a run folder) is told of every round.
     """
-    if not op.batched_matmat:
+    if not op.batched_matmat and _on_cpu(op):
         return _run_interleaved(op, slots, bar, store)
     while True:
         active = [i for i, s in enumerate(slots) if isinstance(s, LanczosState) and not s.done]
@@ -370,27 +378,43 @@ def _run_together(
     return [s if isinstance(s, LanczosResult) else lanczos_finish(s) for s in slots]
 
 
+def _advance_with(grad: bool, inference: bool) -> Callable[[LanczosState, list[torch.Tensor]], LanczosState]:
+    """:func:`lanczos_advance` under the caller's grad and inference modes (thread-local: a side thread starts
+    with its own)."""
+
+    def advance(state: LanczosState, w: list[torch.Tensor]) -> LanczosState:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return lanczos_advance(state, w)
+
+    return advance
+
+
 def _run_interleaved(
     op: SymmetricOperator, slots: list[LanczosState | LanczosResult], bar: tqdm, store: SLQStore | None = None
 ) -> list[LanczosResult]:
-    """:func:`_run_together` for an operator that computes one product at a time: each run's Lanczos step
+    """:func:`_run_together` on a CPU operator that computes one product at a time: each run's Lanczos step
     after its product (re-orthogonalisation against its basis: bound by memory bandwidth) runs in a side
     thread while the next run's product (bound by arithmetic) runs here.
 
     Every run does the same operations in the same order as alone, so the results are bit-identical to
-    running the probes one after the other; only their order in time changes. A round gives each live run
-    one product; ``store`` is told of a round when its last step is done, which is after the next round's
-    first product has been computed but before any state moved on, so a checkpoint sees every run exactly at
-    the end of the round.
+    running the probes one after the other; only their order in time changes. The operator must return a
+    fresh result for each product (every operator of this package does): a step still reads its product
+    while the next one is computed. A round gives each live run one product; ``store`` is told of a round
+    when its last step is done. That is after the next round's first product has been computed (before any
+    state moved on, so a checkpoint sees every run exactly at the end of the round), except for a round
+    whose checkpoint is due: its last step is waited for at once, so an interrupt in the next product cannot
+    lose the save.
     """
     side = _threads.side_thread()
+    advance = _advance_with(torch.is_grad_enabled(), torch.is_inference_mode_enabled())
     inflight: list = []  # at most one [future, slot index, products of the round it closes (0: none)]
 
     def settle() -> None:
         if not inflight:
             return
-        future, i, closes = inflight.pop()
-        future.result()
+        future, i, closes = inflight[0]
+        future.result()  # popped after: an interrupt while waiting leaves it for the final wait
+        inflight.pop()
         state = slots[i]
         bar.update(1)
         if state.done:
@@ -405,7 +429,7 @@ def _run_interleaved(
             live = [i for i, s in enumerate(slots) if isinstance(s, LanczosState) and (i == pending or not s.done)]
             if not live:
                 break
-            products = 0
+            products, reached = 0, 0
             for i in live:
                 if inflight and inflight[0][1] == i:  # its own step must be done before its next product
                     settle()
@@ -414,13 +438,17 @@ def _run_interleaved(
                     continue
                 w = owned_matvec(op, state.q, keep=state.q_prev or ())
                 settle()
-                inflight.append([side.submit(lanczos_advance, state, w), i, 0])
+                reached = state.iteration + 1
+                inflight.append([None, i, 0])
+                inflight[0][0] = side.submit(advance, state, w)
                 products += 1
             if not products:
                 break
             inflight[0][2] = products  # the round's last step closes it
+            if store is not None and store.checkpoint_every and reached % store.checkpoint_every == 0:
+                settle()
     finally:
-        if inflight:  # an error or interrupt here: let the step in flight finish before the state is used
+        if inflight and inflight[0][0] is not None:  # an error or interrupt: let the step in flight finish
             inflight[0][0].exception()
     settle()
     return [s if isinstance(s, LanczosResult) else lanczos_finish(s) for s in slots]

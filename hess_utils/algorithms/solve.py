@@ -103,11 +103,12 @@ class SolveResult:
         )
 
     def to_frame(self):
-        """The residual history, one row per entry of ``residual_norms``: columns ``step, relative_residual``."""
+        """The residual history, one row per entry of ``residual_norms``: columns ``entry, relative_residual``
+        (entries are iterations, plus the true residual each replacement restarts from)."""
         import pandas as pd
 
         return pd.DataFrame(
-            {"step": np.arange(self.residual_norms.size), "relative_residual": self.residual_norms}
+            {"entry": np.arange(self.residual_norms.size), "relative_residual": self.residual_norms}
         )
 
 
