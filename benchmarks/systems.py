@@ -202,7 +202,7 @@ SYSTEMS: dict[str, System] = {
     "ours-rebuilt": System("hess_utils rev-rev, graph rebuilt", _ours_setup("rev-rev"), _ours_hvp),
     "ours-kept": System("hess_utils rev-rev, keep_graph='auto'", _ours_setup("rev-rev", "auto"), _ours_hvp,
                         _ours_slq(), "SLQ: the defaults (probes_at_once='auto': on a CPU two probes interleaved, "
-                        "one's Lanczos step beside the other's product; on a GPU all together)"),
+                        "one's Lanczos step beside the other's product; on a GPU one after the other)"),
     "ours-kept-in-turn": System("hess_utils rev-rev kept, probes in turn", _ours_setup("rev-rev", "auto"), _ours_hvp,
                                 _ours_slq(probes_at_once=1),
                                 "SLQ: probes_at_once=1, each Lanczos step after its product (the former default)"),
