@@ -31,7 +31,7 @@ from benchmarks.results_md import replace_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HVP_SYSTEMS = [S.GRADIENT, *S.PEERS, "ours-rebuilt", "ours-kept", "ours-kept-pair", "ours-fd", "ours-fd-fixed"]
-SLQ_SYSTEMS = ["pyhessian", "eigenthings", "curvlinops", "eigenthings-fd", "ours-kept", "ours-kept-in-turn",
+SLQ_SYSTEMS = ["pyhessian", "eigenthings", "curvlinops", "eigenthings-fd", "ours-kept", "ours-kept-interleaved",
                "ours-kept-pair"]
 
 

@@ -201,11 +201,11 @@ SYSTEMS: dict[str, System] = {
                              _eigenthings_hvp, _eigenthings_slq, "fixed step 5e-3"),
     "ours-rebuilt": System("hess_utils rev-rev, graph rebuilt", _ours_setup("rev-rev"), _ours_hvp),
     "ours-kept": System("hess_utils rev-rev, keep_graph='auto'", _ours_setup("rev-rev", "auto"), _ours_hvp,
-                        _ours_slq(), "SLQ: the defaults (probes_at_once='auto': on a CPU two probes interleaved, "
-                        "one's Lanczos step beside the other's product; on a GPU one after the other)"),
-    "ours-kept-in-turn": System("hess_utils rev-rev kept, probes in turn", _ours_setup("rev-rev", "auto"), _ours_hvp,
-                                _ours_slq(probes_at_once=1),
-                                "SLQ: probes_at_once=1, each Lanczos step after its product (the former default)"),
+                        _ours_slq(1), "SLQ: the defaults (probes_at_once=1: probe after probe)"),
+    "ours-kept-interleaved": System("hess_utils rev-rev kept, two probes interleaved", _ours_setup("rev-rev", "auto"),
+                                    _ours_hvp, _ours_slq("auto"),
+                                    "SLQ: probes_at_once='auto' (on a CPU one probe's Lanczos step in a side thread "
+                                    "beside the other's product)"),
     "ours-kept-pair": System("hess_utils rev-rev kept, 2 vectors per matmat", _ours_setup("rev-rev", "auto"),
                              _ours_hvp_pair, _ours_slq(probes_at_once=2),
                              "time per vector; SLQ: both probes advanced together (one batched double backward "

@@ -199,7 +199,7 @@ def test_probes_advanced_together_overlap_each_step_with_the_next_product(monkey
     assert len(steps) == 12 and overlaps(alone) == 0  # one after the other: a step never runs beside a product
     steps.clear()
     paired = _Timed()
-    default = slq(paired.op, 6, 2, seed=1, progress=False)  # "auto": two probes interleaved here
+    default = slq(paired.op, 6, 2, seed=1, progress=False, probes_at_once="auto")  # two probes interleaved here
     assert len(steps) == 12
     assert overlaps(paired) >= 8  # all but the last step of each run overlap a product of the other
     assert {name.split("_")[0] for _, _, name in steps} == {"hess-side"}

@@ -187,7 +187,7 @@ def slq(
     seed: int = 0,
     probe: str = "rademacher",
     progress: bool = True,
-    probes_at_once: int | str = "auto",
+    probes_at_once: int | str = 1,
     *,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
@@ -226,10 +226,12 @@ def slq(
         same as one run after the other to rounding, not bit for bit. On a CPU the products come one at a
         time and each run's Lanczos step (its re-orthogonalisation, bound by memory bandwidth) runs in a side
         thread while the next run's product runs, which hides much of the step's cost; the runs are then
-        bit-identical to one after the other. ``"auto"`` (default): 2 on a CPU operator that does not batch,
-        when both Lanczos bases fit in half the free memory, else 1 (one run after the other, reusing one
-        basis); under torch.distributed the smallest choice of all ranks. Batching on an accelerator changes
-        rounding, so it is asked for with an integer. A run folder checkpoints a group of probes advancing
+        bit-identical to one after the other. Whether that is faster depends on the load of the machine: on an
+        idle 2-core CPU the side thread slows the product by more than it hides, on a busy one it gains
+        (``benchmarks/RESULTS.md``), hence the default 1 (one run after the other, reusing one basis).
+        ``"auto"``: 2 on a CPU operator that does not batch, when both Lanczos bases fit in half the free
+        memory, else 1; under torch.distributed the smallest choice of all ranks. Batching on an accelerator
+        changes rounding, so it is asked for with an integer. A run folder checkpoints a group of probes advancing
         together as well as a single one; it does not record this choice (it changes rounding at most), and
         a resumed group continues together as it started.
     checkpoint_dir : path, optional
