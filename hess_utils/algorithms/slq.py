@@ -329,8 +329,8 @@ def _group_size(op: SymmetricOperator, num_iters: int, num_probes: int, reorth: 
     """``probes_at_once="auto"``: two runs interleaved (:func:`_run_interleaved`) on a CPU operator that computes
     one product at a time, when both Lanczos bases fit in half the free memory; else 1.
 
-    Interleaving changes when a step runs, not what it computes, so the default keeps results bit for bit
-    those of one probe after the other. Batching the products of several probes (an accelerator's
+    Interleaving changes when a step runs, not what it computes, so "auto" keeps results bit for bit those
+    of one probe after the other. Batching the products of several probes (an accelerator's
     ``op.batched_matmat``) changes their rounding, so it is asked for with an integer, never chosen by
     memory. Under torch.distributed every rank takes the smallest choice of all ranks: they must multiply
     the same probes' vectors in the same collectives.
