@@ -177,11 +177,14 @@ def _ours_hvp_pair(op, v):
     return op.matmat([v, v])[0]
 
 
-def _ours_slq(probes_at_once="auto"):
+def _ours_slq(probes_at_once=1, reorth=None):
+    """Our SLQ; ``reorth=None`` is :func:`~hess_utils.algorithms.slq.slq`'s default (what a user gets)."""
+
     def run(op, iters, probes, seed):
         from hess_utils.algorithms.slq import slq
 
-        res = slq(op, iters, probes, reorth="full", seed=seed, progress=False, probes_at_once=probes_at_once)
+        kwargs = {} if reorth is None else {"reorth": reorth}
+        res = slq(op, iters, probes, seed=seed, progress=False, probes_at_once=probes_at_once, **kwargs)
         return [row[~np.isnan(row)] for row in res.ritz_values]
 
     return run
@@ -201,7 +204,9 @@ SYSTEMS: dict[str, System] = {
                              _eigenthings_hvp, _eigenthings_slq, "fixed step 5e-3"),
     "ours-rebuilt": System("hess_utils rev-rev, graph rebuilt", _ours_setup("rev-rev"), _ours_hvp),
     "ours-kept": System("hess_utils rev-rev, keep_graph='auto'", _ours_setup("rev-rev", "auto"), _ours_hvp,
-                        _ours_slq(1), "SLQ: the defaults (probes_at_once=1: probe after probe)"),
+                        _ours_slq(1), "SLQ: the defaults (reorth='partial', probes_at_once=1: probe after probe)"),
+    "ours-kept-full": System("hess_utils rev-rev kept, reorth='full'", _ours_setup("rev-rev", "auto"), _ours_hvp,
+                             _ours_slq(1, reorth="full"), "SLQ: every step re-orthogonalised (the reference)"),
     "ours-kept-interleaved": System("hess_utils rev-rev kept, two probes interleaved", _ours_setup("rev-rev", "auto"),
                                     _ours_hvp, _ours_slq("auto"),
                                     "SLQ: probes_at_once='auto' (on a CPU one probe's Lanczos step in a side thread "

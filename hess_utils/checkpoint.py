@@ -75,7 +75,7 @@ from typing import Any
 import torch
 
 from hess_utils import _io, runs
-from hess_utils.algorithms.lanczos import LanczosResult, LanczosState
+from hess_utils.algorithms.lanczos import LanczosResult, LanczosState, OmegaEstimates
 from hess_utils.algorithms.probes import check_count, check_seed
 from hess_utils.algorithms.slq import SLQResult, stack_runs
 from hess_utils.distributed import same_on_all_ranks
@@ -224,7 +224,9 @@ def _result_to_dict(result: LanczosResult) -> dict[str, Any]:
                num_iters=int(result.num_iters), last_beta=float(result.last_beta), reorth=result.reorth,
                seed=result.seed, probe=result.probe, num_reorth_steps=int(result.num_reorth_steps),
                reorth_steps=None if result.reorth_steps is None else [int(i) for i in result.reorth_steps],
-               max_omega=None if result.max_omega is None else float(result.max_omega))
+               max_omega=None if result.max_omega is None else float(result.max_omega),
+               check_steps=None if result.check_steps is None else [int(i) for i in result.check_steps],
+               omega_rounding=None if result.omega_rounding is None else float(result.omega_rounding))
     return out
 
 
@@ -234,14 +236,18 @@ def _result_from_dict(d: dict[str, Any]) -> LanczosResult:
                          num_iters=d["num_iters"], last_beta=d["last_beta"], reorth=d["reorth"], seed=d["seed"],
                          probe=d["probe"], num_reorth_steps=d.get("num_reorth_steps", 0),
                          reorth_steps=None if d.get("reorth_steps") is None else tuple(d["reorth_steps"]),
-                         max_omega=d.get("max_omega"))
+                         max_omega=d.get("max_omega"),
+                         check_steps=None if d.get("check_steps") is None else tuple(d["check_steps"]),
+                         omega_rounding=d.get("omega_rounding"))
 
 
 def _state_scalars(state: LanczosState) -> dict[str, Any]:
     return {"num_iters": state.num_iters, "reorth": state.reorth, "seed": state.seed, "probe": state.probe,
             "tol": state.tol, "rtol": state.rtol, "unit_roundoff": state.unit_roundoff,
             "alphas": [float(a) for a in state.alphas], "betas": [float(b) for b in state.betas],
-            "iteration": state.iteration, "breakdown": state.breakdown}
+            "iteration": state.iteration, "breakdown": state.breakdown,
+            # reorth="partial": its estimates, which depend on measurements and cannot be rebuilt exactly.
+            "omega": state.omega.to_dict() if state.omega is not None else None}
 
 
 def _to_cpu(vector: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
@@ -550,7 +556,8 @@ class SLQStore:
         return LanczosState(
             num_iters=s["num_iters"], reorth=s["reorth"], seed=s["seed"], probe=s["probe"], tol=s["tol"],
             rtol=s["rtol"], unit_roundoff=s["unit_roundoff"], q=q, q_prev=q_prev, alphas=list(s["alphas"]),
-            betas=list(s["betas"]), iteration=s["iteration"], basis=basis, breakdown=s["breakdown"])
+            betas=list(s["betas"]), iteration=s["iteration"], basis=basis, breakdown=s["breakdown"],
+            omega=OmegaEstimates.from_dict(s["omega"]) if s.get("omega") is not None else None)
 
     def load(self) -> None:
         """Restore finished probes and the group in flight from ``checkpoint.pt`` (every rank reads it)."""
@@ -587,6 +594,7 @@ class SLQStore:
             largest_ritz_value=float(max(r.ritz_values.max() for r in result.runs)),
             smallest_ritz_value=float(min(r.ritz_values.min() for r in result.runs)),
             density=density,
+            orthogonality=runs.orthogonality_record(result),
             timings={**dict(extra.get("timings", {})), "slq_compute_s": compute_s, "matvecs": self.products,
                      "s_per_matvec": compute_s / self.products if self.products else None, "sessions": sessions},
             files={"ritz": runs.RITZ_FILE, "tridiagonal": runs.TRIDIAGONAL_FILE, "probes": runs.PROBES_FILE,

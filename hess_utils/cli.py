@@ -60,9 +60,11 @@ run folder (--out) of spectrum:
   checkpoint.pt    resumable state (+ checkpoint.json with its sha256, basis/ with Lanczos basis rows)
   ritz.csv         probe,value,weight,ghost,residual: one row per Ritz pair (written last)
   tridiagonal.csv  probe,i,alpha,beta: the Lanczos matrices
-  probes.csv       per probe: seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts
+  probes.csv       per probe: seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts,
+                   reorth_steps, check_steps, max_omega (reorth=partial: re-orthogonalised and checked steps, estimate)
   density.csv      eigenvalue,density: Gaussian-smoothed density (sigma, a standard deviation, in run.json)
-  run.json         provenance (model, data, seed, versions, git commit, devices) and timings
+  run.json         provenance (model, data, seed, versions, git commit, devices), timings, orthogonality
+                   (measured loss; reorth=partial: estimate, re-orthogonalised and checked steps)
 Re-running the same command resumes from the last checkpoint (same numbers as an uninterrupted run),
 or, when the run is finished, prints so and recomputes nothing. Re-plot with
 hess_utils.plotting.plot_spectrum_run(RUN_DIR, STEM).
@@ -167,11 +169,11 @@ def _add_spectrum_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     s.add_argument("--probe-kind", default="rademacher", choices=["rademacher", "gaussian"],
                    help="distribution of the start vectors (default: %(default)s)")
-    s.add_argument("--reorth", default="full", choices=["none", "full", "offload", "partial"],
-                   help="re-orthogonalisation: none (three vectors; ghosts appear, flagged in ritz.csv), full (basis "
-                        "on the device), offload (basis in CPU memory), partial (Simon's: basis on the device, "
-                        "re-orthogonalised only when the estimated loss of orthogonality passes sqrt(eps)) "
-                        "(default: %(default)s)")
+    s.add_argument("--reorth", default="partial", choices=["partial", "full", "offload", "none"],
+                   help="re-orthogonalisation: partial (basis on the device, kept semi-orthogonal: re-orthogonalised "
+                        "only when the estimated or measured loss of orthogonality passes sqrt(eps); the Ritz values "
+                        "of full), full (every step), offload (as full, basis in CPU memory), none (three vectors; "
+                        "ghosts appear, flagged in ritz.csv) (default: %(default)s)")
     s.add_argument("--checkpoint-every", type=int, default=10,
                    help="save the run every N Lanczos iterations (and after every probe); 0: after every probe "
                         "only. A save writes the basis rows added since the last one (default: %(default)s)")

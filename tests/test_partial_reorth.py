@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -149,25 +150,80 @@ def test_estimates_bound_the_measured_loss_row_by_row(dtype):
     assert np.all(estimated <= math.sqrt(float(torch.finfo(dtype).eps)))
 
 
-def test_estimates_replay_bit_for_bit_from_alphas_and_betas(runs64):
-    eigs, _ = runs64["lm_like"]
+def test_estimates_survive_a_checkpoint_and_are_rebuilt_without_one(runs64):
+    """The estimates depend on measurements, so a checkpoint stores them (to_dict / from_dict, bit for bit);
+    a state without them (an older checkpoint) rebuilds them from its alphas and betas and checks its next
+    vector, and the run stays semi-orthogonal with the Ritz values of full."""
+    eigs, res = runs64["geometric"]
     op = as_operator(symmetric_with_eigenvalues(eigs, seed=1))
     state = lanczos_init(op, ITERS, reorth="partial", seed=2)
     for _ in range(30):
         lanczos_step(op, state)
-    replayed = lz.replay_omega_estimates(state)
     kept = state.omega
-    assert kept.reorth_steps and replayed.reorth_steps == kept.reorth_steps
-    assert replayed.iteration == kept.iteration == 30 and replayed.pending == kept.pending
-    assert np.array_equal(replayed.current, kept.current) and np.array_equal(replayed.previous, kept.previous)
-    assert replayed.row_max == kept.row_max
-    # A state without estimates (as a checkpoint restores it) rebuilds them and continues the same run.
+    assert kept.check_steps, "the case must have measured a vector"
+    restored = lz.OmegaEstimates.from_dict(copy.deepcopy(kept.to_dict()))
+    assert np.array_equal(restored.current, kept.current) and np.array_equal(restored.previous, kept.previous)
+    assert restored.to_dict() == kept.to_dict()
     reference = lanczos_resume(op, copy.deepcopy(state), progress=False)
-    state.omega = None
+    rebuilt = copy.deepcopy(state)
+    state.omega = restored
     resumed = lanczos_resume(op, state, progress=False)
     np.testing.assert_array_equal(resumed.alphas, reference.alphas)
     np.testing.assert_array_equal(resumed.betas, reference.betas)
-    assert resumed.reorth_steps == reference.reorth_steps and resumed.max_omega == reference.max_omega
+    assert resumed.reorth_steps == reference.reorth_steps and resumed.check_steps == reference.check_steps
+    assert resumed.max_omega == reference.max_omega
+
+    rebuilt.omega = None
+    replayed = lz.replay_omega_estimates(rebuilt)
+    assert replayed.iteration == 30 and replayed.check_due()
+    out = lanczos_resume(op, rebuilt, progress=False)
+    assert 31 in out.check_steps or 31 in out.reorth_steps
+    eps = float(torch.finfo(torch.float64).eps)
+    assert out.orthogonality_loss <= math.sqrt(eps)
+    np.testing.assert_allclose(out.ritz_values, res["full"].ritz_values, rtol=0, atol=1e-10 * eigs.max())
+
+
+def _skewed_operator(relative: float) -> tuple[SymmetricOperator, np.ndarray]:
+    """``A + S``, ``S`` skew-symmetric with ``||S|| = relative ||A||``: products that are not symmetric by far
+    more than eps, as a finite-difference product's are (the operator claims symmetry; nothing checks it)."""
+    eigs = geometric()
+    a = symmetric_with_eigenvalues(eigs, seed=1)
+    r = torch.randn(a.shape, generator=torch.Generator().manual_seed(5), dtype=a.dtype)
+    skew = (r - r.T) * (relative * float(np.abs(eigs).max()) / float(torch.linalg.matrix_norm(r - r.T, 2)))
+    return as_operator(a + skew, check_symmetric=False), eigs
+
+
+def test_measurements_raise_the_rounding_level_for_an_operator_rounding_worse_than_eps(monkeypatch):
+    """An asymmetry of 1e-11 ||H||: the starting level (8 eps) underestimates the loss; the checks measure it,
+    raise the level, and the run stays semi-orthogonal with the Ritz values of full. The same run blind to
+    its measurements loses semi-orthogonality, says so, and its Ritz values move."""
+    op, eigs = _skewed_operator(1e-11)
+    eps = float(torch.finfo(torch.float64).eps)
+    full = lanczos(op, ITERS, reorth="full", seed=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: semi-orthogonal
+        res = lanczos(op, ITERS, reorth="partial", seed=2, progress=False)
+    assert res.omega_rounding > 100 * lz.omega_rounding(eps)
+    assert res.orthogonality_loss <= math.sqrt(eps)
+    np.testing.assert_allclose(res.ritz_values, full.ritz_values, rtol=0, atol=1e-12 * eigs.max())
+
+    monkeypatch.setattr(lz.OmegaEstimates, "measured", lambda self, row, loss: row)
+    monkeypatch.setattr(lz.OmegaEstimates, "check_due", lambda self: False)
+    with pytest.warns(RuntimeWarning, match="reorth='full'"):
+        blind = lanczos(op, ITERS, reorth="partial", seed=2, progress=False)
+    assert blind.omega_rounding == lz.omega_rounding(eps)
+    assert blind.orthogonality_loss > 10 * math.sqrt(eps)
+    assert np.abs(blind.ritz_values - full.ritz_values).max() > 100 * np.abs(res.ritz_values - full.ritz_values).max()
+
+
+def test_a_check_every_ten_steps_when_nothing_crosses():
+    """A spectrum that loses orthogonality slowly: the estimates stay low and a vector is measured every
+    CHECK_EVERY steps, and no more often."""
+    op = as_operator(symmetric_with_eigenvalues(np.linspace(-1.0, 1.0, 400), seed=1))
+    res = lanczos(op, 40, reorth="partial", seed=2, progress=False)
+    assert res.num_reorth_steps == 0
+    assert res.check_steps == tuple(range(lz.CHECK_EVERY, 41, lz.CHECK_EVERY))
+    assert res.orthogonality_loss <= res.max_omega
 
 
 # ---------------------------------------------------------------------------------------------- float32
@@ -238,11 +294,11 @@ class Interrupting(SymmetricOperator):
 
 
 def test_checkpointed_partial_run_resumes_bit_for_bit(tmp_path):
-    """The checkpoint stores no estimates; the resumed probe replays them and takes the same decisions."""
+    """The checkpoint stores the estimates; the resumed probe continues with them and takes the same decisions."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-identical comparisons
     try:
-        op = as_operator(symmetric_with_eigenvalues(lm_like(200), seed=3))
+        op = as_operator(symmetric_with_eigenvalues(geometric(200), seed=3))
         iters, probes = 40, 2
         ref = slq(op, iters, probes, reorth="partial", seed=4, progress=False)
         with pytest.raises(KeyboardInterrupt):  # in probe 1 at iteration 23; last checkpoint at 20
@@ -252,14 +308,14 @@ def test_checkpointed_partial_run_resumes_bit_for_bit(tmp_path):
                       progress=False)
     finally:
         torch.set_num_threads(before)
-    assert ref.runs[1].reorth_steps and min(ref.runs[1].reorth_steps) < 20 < max(ref.runs[1].reorth_steps)
+    # Probe 1 measured vectors before the checkpoint and crossed after it: the estimates carried over decide.
+    assert ref.runs[1].check_steps and min(ref.runs[1].check_steps) <= 20 < max(ref.runs[1].reorth_steps)
     for a, b in zip(resumed.runs, ref.runs, strict=True):
         assert np.array_equal(a.alphas, b.alphas) and np.array_equal(a.betas, b.betas)
-    assert resumed.runs[1].reorth_steps == ref.runs[1].reorth_steps
+        assert a.reorth_steps == b.reorth_steps and a.check_steps == b.check_steps
+        assert a.max_omega == b.max_omega and a.omega_rounding == b.omega_rounding
     # Probe 0 finished before the interruption: its diagnostics come back from the checkpoint.
-    assert resumed.runs[0].reorth_steps == ref.runs[0].reorth_steps
     assert resumed.runs[0].num_reorth_steps == ref.runs[0].num_reorth_steps > 0
-    assert resumed.runs[0].max_omega == ref.runs[0].max_omega
 
 
 # ---------------------------------------------------------------------------------------------- a model Hessian
@@ -336,9 +392,10 @@ def test_float32_full_basis_is_orthogonal_to_a_few_eps_and_the_diagnostic_measur
 
 
 def test_float32_partial_estimates_bound_the_measured_loss_on_long_vectors():
-    """The rounding level eps sqrt(min(n, 16384)) still bounds the true loss row by row at n = 4e5."""
+    """The rounding level 8 eps (whatever n) bounds the true loss row by row at n = 4e5 on a diagonal operator,
+    the worst case for it (every rounding of an entry lies along an eigenvector)."""
     op, _ = _long_lm_operator()
-    assert lz.omega_rounding(1.0, 400_000) == math.sqrt(lz._ACC_CHUNK)
+    assert lz.omega_rounding(1.0) == lz.ROUNDINGS_PER_STEP
     state = lanczos_init(op, 40, reorth="partial", seed=0)
     for _ in range(40):
         lanczos_step(op, state)

@@ -175,7 +175,7 @@ def test_lockstep_group_checkpoint_resumes_bit_for_bit(tmp_path, every, stop_at,
 
 def test_checkpoint_every_zero_saves_after_probes_only(tmp_path):
     op = _operator()
-    ref = slq(op, ITERS, PROBES, seed=SEED, progress=False)
+    ref = slq(op, ITERS, PROBES, reorth="full", seed=SEED, progress=False)
     resumed, count = _interrupted_then_resumed(op, tmp_path, 2 * ITERS + 5, "full", checkpoint_every=0)
     _same_tridiagonals(resumed, ref)
     assert count == ITERS  # probe 2 redone from its start
@@ -362,6 +362,16 @@ def test_run_folder_files_reload_and_replot(tmp_path):
     for key in ("model", "data", "loss", "versions", "git_commit", "devices", "timings", "config", "dim"):
         assert key in record, key
     assert record["density"]["sigma_is"].startswith("the standard deviation")
+    # The default re-orthogonalisation's diagnostics: measured and estimated loss, steps, per probe.
+    ortho = record["orthogonality"]
+    assert ortho["reorth"] == result.reorth == "partial"
+    assert ortho["measured_max"] == max(r.orthogonality_loss for r in result.runs)
+    assert ortho["measured_max"] <= ortho["estimated_max"] <= 1.5e-8  # sqrt(eps), float64
+    assert ortho["reorth_steps"] == [r.num_reorth_steps for r in result.runs]
+    assert ortho["check_steps"] == [len(r.check_steps) for r in result.runs]
+    probes = runs.load_table(tmp_path, "probes.csv")
+    assert probes["reorth_steps"].tolist() == ortho["reorth_steps"]
+    assert probes["max_omega"].tolist() == [r.max_omega for r in result.runs]
     density = runs.load_table(tmp_path, "density.csv")
     assert list(density.columns) == ["eigenvalue", "density"]
     tri = runs.load_tridiagonals(tmp_path)

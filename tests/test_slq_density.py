@@ -82,7 +82,8 @@ def test_slq_shapes_seeds_and_tables(hessian_like, hessian_like_slq):
     np.testing.assert_allclose(res.ritz_weights.sum(axis=1), 1.0, atol=1e-12)
     assert np.all(np.diff(res.ritz_values, axis=1) >= 0)
     # probe p is the Lanczos run started from seed * 1_000_003 + p
-    again = lanczos(op, 80, seed=probe_seed(0, 7), progress=False)
+    assert res.reorth == "partial"  # the default
+    again = lanczos(op, 80, reorth="partial", seed=probe_seed(0, 7), progress=False)
     np.testing.assert_array_equal(res.alphas[7], again.alphas)
     assert probe_seed(2, 7) == 2 * 1_000_003 + 7
 

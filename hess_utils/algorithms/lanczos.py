@@ -22,10 +22,11 @@ reappear as extra copies ("ghosts"). ``reorth="full"`` keeps the basis and re-or
 vector against it (classical Gram-Schmidt, repeated when the first pass removed more than half of the
 vector: "twice is enough"); ``reorth="offload"`` does the same
 with the basis in CPU memory; ``reorth="none"`` keeps O(1) vectors and leaves ghosts to
-:func:`~hess_utils.algorithms.ghosts.cullum_willoughby_mask`. ``reorth="partial"`` keeps the basis like
-``"full"`` but re-orthogonalises only when Simon's recurrence (:class:`OmegaEstimates`) estimates that
-some :math:`|q_{j+1}^\\top q_k|` exceeds :math:`\\sqrt{\\varepsilon}`: a semi-orthogonal basis, which gives the
-same :math:`T_k` as a fully orthogonal one to working precision, for a fraction of the basis passes.
+:func:`~hess_utils.algorithms.ghosts.cullum_willoughby_mask`. ``reorth="partial"`` (SLQ's default) keeps the
+basis like ``"full"`` but re-orthogonalises only when Simon's recurrence (:class:`OmegaEstimates`) estimates
+that some :math:`|q_{j+1}^\\top q_k|` exceeds :math:`\\sqrt{\\varepsilon}`, and measures a vector against the
+basis at least every :data:`CHECK_EVERY` steps to keep the estimates honest: a semi-orthogonal basis, which
+gives the same :math:`T_k` as a fully orthogonal one to working precision, for a fraction of the basis passes.
 
 The run is a resumable state machine (:func:`lanczos_init`, :func:`lanczos_step`,
 :func:`lanczos_finish`) so that it can be checkpointed between matrix-vector products;
@@ -35,6 +36,7 @@ The run is a resumable state machine (:func:`lanczos_init`, :func:`lanczos_step`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +69,12 @@ _HALF_CHUNK = 1 << 22
 # this many entries in the vector dtype and add the chunk sums in float64 (2.4 eps there), at the cost of a
 # plain float32 product (a float64 conversion costs 4-6 x more on one core).
 _ACC_CHUNK = 1 << 14
+
+# reorth="partial": at most this many steps between two measurements of a new vector against the whole basis
+# (OmegaEstimates.check_every). A check reads the basis once; every 10 steps that is 5 % of what "full" reads.
+CHECK_EVERY = 10
+# reorth="partial": the starting rounding level of its estimates, in units of eps (omega_rounding).
+ROUNDINGS_PER_STEP = 8
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -120,6 +128,12 @@ class LanczosResult:
         ``reorth="partial"`` only: the largest estimate :math:`|\\omega_{ik}|` of
         :math:`|q_i^\\top q_k|`, :math:`k < i \\le` ``num_iters``, as kept after the resets, i.e. the
         estimate of ``orthogonality_loss`` (it should bound it); None in the other modes.
+    check_steps : tuple of int or None
+        ``reorth="partial"`` only: the iterations whose new vector was measured against the whole basis
+        without needing a re-orthogonalisation (:attr:`OmegaEstimates.check_every`); None in the other modes.
+    omega_rounding : float or None
+        ``reorth="partial"`` only: the rounding level :math:`\\varepsilon_1` of the estimates at the end, the
+        machine epsilon unless a measurement exceeded its estimate and raised it (:func:`omega_rounding`).
     """
 
     alphas: np.ndarray
@@ -140,6 +154,8 @@ class LanczosResult:
     num_reorth_steps: int = 0
     reorth_steps: tuple[int, ...] | None = None
     max_omega: float | None = None
+    check_steps: tuple[int, ...] | None = None
+    omega_rounding: float | None = None
 
     __repr__ = short_repr
 
@@ -180,27 +196,31 @@ class LanczosResult:
         return self.ritz_values[~self.ghost_mask]
 
 
-def omega_rounding(unit_roundoff: float, dim: int) -> float:
-    """The rounding level :math:`\\varepsilon_1 = \\varepsilon \\sqrt{\\min(n, c)}` of Simon's recurrence.
+def omega_rounding(unit_roundoff: float, dim: int | None = None) -> float:
+    """The starting rounding level :math:`\\varepsilon_1 = 8 \\varepsilon` of Simon's recurrence.
 
-    The relative size of the rounding error :math:`f_i` of one Lanczos step (:class:`OmegaEstimates`)
-    in Simon's analysis: a product sums ``n`` terms per entry, whose independent roundings grow like
-    :math:`\\sqrt{n}`. It is also the level to which a re-orthogonalised vector's estimates are reset.
+    :math:`\\varepsilon_1` models :math:`|q_j^\\top f_k|`, the component along a basis vector of the rounding
+    error :math:`f_k` of one Lanczos step (:class:`OmegaEstimates`), and the loss a re-orthogonalised vector
+    keeps. A step rounds each entry a handful of times (the product, the two updates of the recurrence,
+    the basis pass, the division; its reductions are accurate to a few eps, :func:`_fast_dot`), hence
+    :data:`ROUNDINGS_PER_STEP` times :math:`\\varepsilon`. The worst case, the whole error vector,
+    :math:`\\varepsilon \\sqrt{n} \\lVert H q_k \\rVert`, aligned with :math:`q_j`, is far from what happens: the
+    roundings of different entries point in no common direction, so their component along a unit vector is
+    about :math:`\\varepsilon \\lVert H q_k \\rVert` whatever ``n``. A level growing with ``n`` re-orthogonalises
+    a float32 model run nearly every step while the measured loss stays a thousand times lower
+    (``benchmarks/RESULTS.md``). The tests check that the estimates bound the measured loss row by row
+    on dense and diagonal operators (the latter the worst case: eigenvectors along coordinates, where an
+    entry's rounding is all along one of them).
 
-    Here no reduction of the step sums more than ``c =`` :data:`_ACC_CHUNK` (16384) entries in the vector
-    dtype: :math:`\\alpha`, :math:`\\beta` and the re-orthogonalisation coefficients :math:`Q^\\top w` add
-    float32 chunk sums in float64 (:func:`_fast_dot`, :func:`_chunked_rows_dot`): a float32 reduction over
-    all ``n`` entries would lose far more (``benchmarks/RESULTS.md``), and :math:`\\varepsilon \\sqrt{n}`
-    would have to cover it; in float32 that passes :math:`\\sqrt{\\varepsilon} / 2` once ``n > 2.1e6``, so
-    every step would re-orthogonalise. The operator's own product is assumed no less accurate than such a
-    reduction (a Hessian-vector product's sums run over tokens and hidden units, not over ``n``).
-
-    Even so, on outlier-dominated spectra (LM Hessians) the loss along a converged outlier grows by about
-    :math:`|\\lambda - \\alpha_j| / \\beta_j` per step (far above 1 for a large outlier), so from any reset level
-    it crosses :math:`\\sqrt{\\varepsilon}` within one or two steps and ``"partial"`` still re-orthogonalises
-    most steps there (``benchmarks/RESULTS.md``).
+    What is not covered is an operator's own asymmetry: a finite-difference product, or any operator
+    whose rounding depends on the vector, makes :math:`q_k^\\top \\tilde H q_j \\ne q_j^\\top \\tilde H q_k` by
+    far more than :math:`\\varepsilon`. So the level is only where a run starts: every measured row (each
+    re-orthogonalisation's coefficients, and a check at least every :data:`CHECK_EVERY` steps) that
+    exceeds its estimate raises it (:meth:`OmegaEstimates.measured`); and an operator that knows its products
+    to be less accurate declares it (``product_rtol``, finite differences), where the estimates then start.
+    ``dim`` is unused (kept for callers).
     """
-    return unit_roundoff * math.sqrt(min(dim, _ACC_CHUNK))
+    return ROUNDINGS_PER_STEP * float(unit_roundoff)
 
 
 @dataclass
@@ -226,6 +246,12 @@ class OmegaEstimates:
     :math:`\\alpha_j` makes :math:`q_j^\\top q_{j+1}` vanish up to the rounding of :math:`f_j`, is
     :math:`\\omega_{j+1,j} = \\psi_j = \\varepsilon_1 \\nu_j / \\beta_j`, and :math:`\\omega_{j+1,j+1} = 1`.
 
+    Measurements. Whenever :math:`Q_j^\\top w` is computed (a re-orthogonalisation's first pass, or a check,
+    due :attr:`check_every` steps after the last), the row is compared with the truth
+    (:meth:`measured`): entries are raised to their measurement, and a measurement above the row's largest
+    estimate raises the rounding level for the rest of the run. A checked vector found above the threshold
+    is re-orthogonalised with the coefficients in hand.
+
     When :math:`\\max_k |\\omega_{j+1,k}| > \\sqrt{\\varepsilon}` the new vector is re-orthogonalised against the
     whole basis, and so is the next one (the three-term recurrence would otherwise pass the loss of
     :math:`q_j`, not re-orthogonalised, straight on to :math:`q_{j+2}` through
@@ -240,10 +266,8 @@ class OmegaEstimates:
 
     :math:`\\beta_j` enters only as a divisor (the :math:`\\beta_j` part of :math:`\\nu_j`, divided by
     :math:`\\beta_j`, is the constant :math:`\\varepsilon_1`), so an estimate can only grow when
-    :math:`\\beta_j` shrinks. Whether a row is reset is decided again with the :math:`\\beta_j` kept in
-    :math:`T` (after the re-orthogonalisation), so the estimates are a function of the :math:`\\alpha`,
-    :math:`\\beta` alone and :func:`replay_omega_estimates` rebuilds them bit for bit (a checkpoint need not
-    store them).
+    :math:`\\beta_j` shrinks. The estimates depend on the measurements, so a checkpoint stores them
+    (:meth:`to_dict`); :func:`replay_omega_estimates` rebuilds them for a state saved without.
 
     Attributes
     ----------
@@ -263,6 +287,17 @@ class OmegaEstimates:
         The iterations whose new vector was re-orthogonalised.
     row_max : list of float
         ``row_max[j - 1]`` is :math:`\\max_{k \\le j} |\\omega_{j+1,k}|` as kept (after any reset).
+    check_every : int
+        A new vector is measured against the whole basis (:math:`Q_j^\\top w`, one read of the basis, half
+        a re-orthogonalisation) when this many steps have passed since the last measured one, so a rounding
+        level that is too low is found within that many steps.
+    since_check : int
+        Steps since the last measured one (a re-orthogonalisation measures its vector too).
+    check_steps : list of int
+        The iterations whose new vector was measured without needing a re-orthogonalisation.
+    max_measured : float
+        The largest measured :math:`\\max_k |q_{j+1}^\\top q_k|` of a checked vector (before any
+        re-orthogonalisation), 0 before the first.
     """
 
     rounding: float
@@ -273,11 +308,58 @@ class OmegaEstimates:
     pending: bool = False
     reorth_steps: list[int] = field(default_factory=list)
     row_max: list[float] = field(default_factory=list)
+    check_every: int = CHECK_EVERY
+    since_check: int = 0
+    check_steps: list[int] = field(default_factory=list)
+    max_measured: float = 0.0
 
     @classmethod
-    def start(cls, unit_roundoff: float, dim: int) -> OmegaEstimates:
-        """The estimates before the first iteration: :math:`\\omega_{11} = 1` only."""
-        return cls(rounding=omega_rounding(unit_roundoff, dim), threshold=math.sqrt(unit_roundoff))
+    def start(cls, unit_roundoff: float, product_rtol: float | None = None) -> OmegaEstimates:
+        """The estimates before the first iteration: :math:`\\omega_{11} = 1` only; the rounding level is
+        :func:`omega_rounding`, or the operator's ``product_rtol`` where that is larger (finite differences)."""
+        rounding = max(omega_rounding(unit_roundoff), product_rtol or 0.0)
+        return cls(rounding=rounding, threshold=math.sqrt(unit_roundoff))
+
+    def to_dict(self) -> dict:
+        """Plain Python values (lists, floats) for a checkpoint; :meth:`from_dict` restores them bit for bit."""
+        return {"rounding": self.rounding, "threshold": self.threshold, "iteration": self.iteration,
+                "current": [float(x) for x in self.current],
+                "previous": None if self.previous is None else [float(x) for x in self.previous],
+                "pending": self.pending, "reorth_steps": list(self.reorth_steps), "row_max": list(self.row_max),
+                "check_every": self.check_every, "since_check": self.since_check,
+                "check_steps": list(self.check_steps), "max_measured": self.max_measured}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OmegaEstimates:
+        d = dict(d)
+        d["current"] = np.asarray(d["current"], dtype=np.float64)
+        if d["previous"] is not None:
+            d["previous"] = np.asarray(d["previous"], dtype=np.float64)
+        return cls(**d)
+
+    def check_due(self) -> bool:
+        """True when the new vector must be measured: :attr:`check_every` steps since the last measured one."""
+        return self.since_check + 1 >= self.check_every
+
+    def measured(self, row: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        """Compare the estimated ``row`` with the measured ``loss`` :math:`|q_k^\\top w| / \\lVert w \\rVert`,
+        ``k <= j`` (float64, shape ``(j,)``); return the row to keep.
+
+        Each entry is raised to its measurement where that is larger, so that the estimates continue from
+        what is known. Where the largest measurement exceeds the largest estimate, the rounding model was too
+        optimistic for this operator: :attr:`rounding` is raised by twice that ratio, so the later estimates
+        grow faster. (Entries far below the row's maximum, at the rounding floor, do not recalibrate: their
+        ratios are noise.)
+        """
+        est = np.abs(row[:-1])
+        if not np.all(np.isfinite(loss)) or not np.any(loss > est):
+            return row
+        biggest = float(np.max(est))
+        if float(np.max(loss)) > biggest:
+            self.rounding *= 2.0 * float(np.max(loss)) / biggest
+        row = row.copy()
+        row[:-1] = np.copysign(np.maximum(est, loss), row[:-1])
+        return row
 
     def next_row(self, alphas: Sequence[float], betas: Sequence[float], beta: float) -> np.ndarray:
         """:math:`\\omega_{j+1, 1..j+1}` for :math:`\\alpha_{1..j}` = ``alphas``, :math:`\\beta_{1..j-1}` =
@@ -306,12 +388,17 @@ class OmegaEstimates:
         """True when some :math:`|\\omega_{j+1,k}|`, :math:`k \\le j`, of ``row`` passes the threshold (or is NaN)."""
         return not bool(np.max(np.abs(row[:-1])) <= self.threshold)
 
-    def accept(self, row: np.ndarray, reorthogonalised: bool) -> None:
-        """Make ``row`` the current one; reset it to :math:`\\varepsilon_1` if its vector was re-orthogonalised."""
+    def accept(self, row: np.ndarray, reorthogonalised: bool, measured: bool = False) -> None:
+        """Make ``row`` the current one; reset it to :math:`\\varepsilon_1` if its vector was re-orthogonalised.
+
+        ``measured``: the vector was measured against the basis (always true when re-orthogonalised).
+        """
         if reorthogonalised:
             row[:-1] = self.rounding
+            self.reorth_steps.append(self.iteration + 1)
             # A threshold crossing asks for this vector and the next; the second of a pair asks for nothing.
             self.pending = not self.pending
+        self.since_check = 0 if (measured or reorthogonalised) else self.since_check + 1
         self.previous, self.current = self.current, row
         self.row_max.append(float(np.max(np.abs(row[:-1]))))
         self.iteration += 1
@@ -475,20 +562,21 @@ def _chunked_rows_dot(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """``sum_i <a_i, b_i>`` as a Python float, for the alphas and betas of a step.
 
-    CPU float32 blocks longer than :data:`_ACC_CHUNK`: float32 dots of chunks summed in float64 (one pass,
-    with no float64 copy of the block, which is what makes :func:`~hess_utils.vectors.dot` several times
-    slower there; accurate to a few eps of ``sum |a_i b_i|``). Other blocks: :func:`~hess_utils.vectors.dot`.
+    CPU float32 blocks longer than :data:`_ACC_CHUNK`: the rows of ``(-1, _ACC_CHUNK)`` views dotted in
+    one call (:func:`torch.linalg.vecdot`, whose sums are pairwise), the row sums added in float64; accurate
+    to a few eps of ``sum |a_i b_i|`` with no float64 copy of the block (which is what makes
+    :func:`~hess_utils.vectors.dot` several times slower there) and no Python loop over chunks. Other
+    blocks: :func:`~hess_utils.vectors.dot`.
     """
     total = 0.0
     rest_a, rest_b = [], []
     for x, y in zip(a, b, strict=True):
         if (x.device.type == "cpu" and x.dtype == y.dtype == torch.float32 and y.device == x.device
-                and x.numel() > _ACC_CHUNK):
+                and x.numel() > _ACC_CHUNK and x.is_contiguous() and y.is_contiguous()):
             x, y = x.reshape(-1), y.reshape(-1)
-            part = torch.zeros((), dtype=torch.float64)
-            for s in range(0, x.numel(), _ACC_CHUNK):
-                part += torch.dot(x[s : s + _ACC_CHUNK], y[s : s + _ACC_CHUNK])
-            total += float(part)
+            whole = x.numel() - x.numel() % _ACC_CHUNK
+            rows = torch.linalg.vecdot(x[:whole].view(-1, _ACC_CHUNK), y[:whole].view(-1, _ACC_CHUNK))
+            total += float(rows.sum(dtype=torch.float64)) + float(torch.dot(x[whole:], y[whole:]))
         else:
             rest_a.append(x)
             rest_b.append(y)
@@ -593,7 +681,7 @@ def _subtract_projection_(w: TensorList, basis: list[torch.Tensor], coeffs: torc
         wb.sub_(correction.reshape(wb.shape).to(wb.device))
 
 
-def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int) -> float:
+def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int, coeffs: torch.Tensor | None = None) -> float:
     """Remove from ``w`` its components along ``q_1..q_k``; return ``||w||`` afterwards.
 
     Classical Gram-Schmidt with the Daniel-Gragg-Kaufman-Stewart criterion: a second pass runs only
@@ -601,9 +689,11 @@ def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int) -> float
     only case where one pass can leave components above rounding level ("twice is enough", Giraud et
     al. 2005). Inside Lanczos, after the three-term recurrence, that is rare, so the basis is read twice
     per step instead of four times. Each pass is two matrix products per block, no loop over basis
-    vectors; ``||w||^2 = ||w'||^2 + ||c||^2`` gives the test without an extra reduction.
+    vectors; ``||w||^2 = ||w'||^2 + ||c||^2`` gives the test without an extra reduction. ``coeffs``: the
+    first pass's ``Q[:k] w`` when the caller has measured them already.
     """
-    coeffs = _basis_coefficients(basis, w, k)
+    if coeffs is None:
+        coeffs = _basis_coefficients(basis, w, k)
     _subtract_projection_(w, basis, coeffs, k)
     size = _fast_norm(w)
     removed = float(coeffs @ coeffs)
@@ -637,60 +727,61 @@ def _orthogonality_loss(basis: list[torch.Tensor] | None, k: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- partial
 def replay_omega_estimates(state: LanczosState) -> OmegaEstimates:
-    """The :class:`OmegaEstimates` of a ``reorth="partial"`` state, rebuilt from its ``alphas`` and ``betas``.
+    """:class:`OmegaEstimates` for a ``reorth="partial"`` state that has none (a checkpoint written before they
+    were saved), rebuilt from its ``alphas`` and ``betas``.
 
-    The same recurrence and decisions as the run made (see :class:`OmegaEstimates`), so the result equals
-    the estimates the run kept, bit for bit; ``reorth_steps`` lists the steps the decisions name (the run
-    may, exceptionally, have re-orthogonalised one more vector: one whose estimate crossed the threshold
-    with the :math:`\\beta_j` before re-orthogonalisation but not with the one after).
+    The recurrence is replayed with the starting rounding level, re-orthogonalising where it crosses; the
+    measurements the run made are unknown, so the next step measures its vector (a check is due).
     """
-    est = OmegaEstimates.start(state.unit_roundoff, sum(t.numel() for t in state.q))
+    est = OmegaEstimates.start(state.unit_roundoff)
     for j in range(1, state.iteration + 1):
         row = est.next_row(state.alphas, state.betas, state.betas[j - 1])
-        decided = est.pending or est.exceeds(row)
-        if decided:
-            est.reorth_steps.append(j)
-        est.accept(row, decided)
+        est.accept(row, est.pending or est.exceeds(row))
+    est.since_check = est.check_every
     return est
 
 
 def _current_estimates(state: LanczosState) -> OmegaEstimates:
-    """``state.omega``, rebuilt first when missing or stale (a state restored from a checkpoint)."""
+    """``state.omega``, rebuilt first when missing or stale (a state restored from an old checkpoint)."""
     if state.omega is None or state.omega.iteration != state.iteration:
         state.omega = replay_omega_estimates(state)
     return state.omega
 
 
 def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) -> float:
-    """Simon's partial re-orthogonalisation of ``w`` (the unnormalised :math:`q_{j+1}`); return :math:`\\beta_j`.
+    """Partial re-orthogonalisation of ``w`` (the unnormalised :math:`q_{j+1}`); return :math:`\\beta_j`.
 
-    Re-orthogonalises ``w`` against the whole basis :math:`q_1..q_j` (:func:`_reorthogonalise_`) when the
-    estimates ask for it, and advances ``state.omega``. All previous vectors rather than only those whose
-    estimate exceeds :math:`\\varepsilon^{3/4}`, for three reasons: the basis pass is a matrix product over
-    contiguous rows, bound by memory bandwidth, and a subset of rows would need a gather (a copy costing
-    more than reading them in place); resetting every estimate lets all of them restart from rounding
-    level, so the next crossing comes later; and the saving of partial re-orthogonalisation is in the
-    steps skipped, not in rows skipped within a step.
+    Simon's rule: re-orthogonalise ``w`` against the whole basis :math:`q_1..q_j` (:func:`_reorthogonalise_`)
+    when the estimates cross :math:`\\sqrt{\\varepsilon}`, and the next vector too. Every vector whose
+    coefficients :math:`Q_j^\\top w` are computed, for a re-orthogonalisation or because a check is due
+    (:meth:`OmegaEstimates.check_due`), is also a measurement: it calibrates the rounding level
+    (:meth:`OmegaEstimates.measured`), and a checked vector found above the threshold is re-orthogonalised
+    with the coefficients already computed.
+
+    All previous vectors rather than only those whose estimate exceeds :math:`\\varepsilon^{3/4}`: the basis
+    pass is a matrix product over contiguous rows, bound by memory bandwidth, and a subset of rows would need
+    a gather (a copy costing more than reading them in place); resetting every estimate lets all of them
+    restart from rounding level, so the next crossing comes later.
     """
     est = _current_estimates(state)
     j = state.iteration + 1
-    alphas = [*state.alphas, alpha]
-    # The second of a pair needs no estimate to decide, so no norm before the basis pass: it costs what a
-    # step of "full" costs, and a step without re-orthogonalisation what a step of "none" costs.
-    reorthogonalise = est.pending
-    if not reorthogonalise:
-        beta = _fast_norm(w)
-        reorthogonalise = est.exceeds(est.next_row(alphas, state.betas, beta))
+    size = _fast_norm(w)
+    row = est.next_row([*state.alphas, alpha], state.betas, size)
+    reorthogonalise = est.pending or est.exceeds(row)
+    measure = reorthogonalise or est.check_due()
+    coeffs = None
+    if measure:
+        coeffs = _basis_coefficients(state.basis, w, j)
+        loss = np.abs(coeffs.to("cpu").numpy()) / size if size > 0 else np.zeros(j)
+        row = est.measured(row, loss)
+        if not reorthogonalise:
+            est.check_steps.append(j)
+            est.max_measured = max(est.max_measured, float(np.max(loss)))
+            reorthogonalise = est.exceeds(row)
     if reorthogonalise:
-        beta = _reorthogonalise_(w, state.basis, j)
-        est.reorth_steps.append(j)
-    # Decide the reset with the beta that T keeps, so that replay_omega_estimates, which knows only that
-    # beta, takes the same decisions. After a crossing it is smaller than the beta the crossing was found
-    # with, except by rounding, so the crossing almost always stands; if not, the vector is merely more
-    # orthogonal than estimated.
-    row = est.next_row(alphas, state.betas, beta)
-    est.accept(row, est.pending or est.exceeds(row))
-    return beta
+        size = _reorthogonalise_(w, state.basis, j, coeffs=coeffs)
+    est.accept(row, reorthogonalise, measured=measure)
+    return size
 
 
 # ---------------------------------------------------------------------------------------------- state machine
@@ -726,7 +817,7 @@ def lanczos_init(
         state.basis = _allocate_basis(q, num_iters + 1, offload=reorth == "offload", workspace=workspace)
         _store_row(state.basis, 0, q)
     if reorth == "partial":
-        state.omega = OmegaEstimates.start(state.unit_roundoff, op.dim)
+        state.omega = OmegaEstimates.start(state.unit_roundoff, getattr(op, "product_rtol", None))
     return state
 
 
@@ -836,7 +927,15 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
         steps = tuple(j for j in est.reorth_steps if j <= k)
         # Rows of q_2..q_k, the vectors orthogonality_loss measures (q_{k+1} is not part of the result).
         partial = dict(num_reorth_steps=len(steps), reorth_steps=steps,
-                       max_omega=max(est.row_max[: k - 1], default=0.0))
+                       max_omega=max(est.row_max[: k - 1], default=0.0),
+                       check_steps=tuple(j for j in est.check_steps if j <= k), omega_rounding=est.rounding)
+    loss = _orthogonality_loss(state.basis, k)
+    if state.reorth == "partial" and loss > math.sqrt(state.unit_roundoff):
+        warnings.warn(
+            f"reorth='partial' measured a loss of orthogonality of {loss:.1e}, above sqrt(eps) = "
+            f"{math.sqrt(state.unit_roundoff):.1e}: the operator's rounding is worse than its estimates allow "
+            "for, and Ritz values may be doubled; run with reorth='full' for this operator",
+            RuntimeWarning, stacklevel=2)
     return LanczosResult(
         alphas=alphas,
         betas=betas,
@@ -844,7 +943,7 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
         ritz_weights=weights,
         ghost_mask=ghosts,
         residual_estimates=residuals,
-        orthogonality_loss=_orthogonality_loss(state.basis, k),
+        orthogonality_loss=loss,
         breakdown=state.breakdown,
         num_iters=k,
         last_beta=last_beta,
@@ -882,10 +981,13 @@ def lanczos(
         basis in CPU memory, so an accelerator holds O(1) vectors.
         ``"none"``: plain recurrence with three vectors; expect ghosts in long runs.
         ``"partial"``: the basis of ``"full"`` (same memory), re-orthogonalised only in pairs of steps when
-        Simon's estimates (:class:`OmegaEstimates`) pass :math:`\\sqrt{\\varepsilon}`: the basis stays
-        semi-orthogonal, which makes :math:`T_k` (Ritz values and weights) that of ``"full"`` to working
-        precision and leaves no ghosts, while the steps between pairs skip the basis passes (how many
-        depends on the spectrum and the dtype: see :class:`OmegaEstimates` and :func:`omega_rounding`).
+        Simon's estimates (:class:`OmegaEstimates`) pass :math:`\\sqrt{\\varepsilon}`, with a measurement
+        of the new vector against the basis at least every :data:`CHECK_EVERY` steps (one read of the basis)
+        that recalibrates them: the basis stays semi-orthogonal, which makes :math:`T_k` (Ritz values and
+        weights) that of ``"full"`` to working precision and leaves no ghosts, while the other steps skip the
+        basis passes (how many depends on the spectrum and the operator: see :class:`OmegaEstimates` and
+        :func:`omega_rounding`). Should the measured loss at the end exceed :math:`\\sqrt{\\varepsilon}` anyway,
+        a ``RuntimeWarning`` says so. :func:`~hess_utils.algorithms.slq.slq` uses it by default.
     seed : int
         Seed of the start probe (ignored when ``start`` is given).
     start : list of tensors, optional

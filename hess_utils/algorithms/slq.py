@@ -183,7 +183,7 @@ def slq(
     op: SymmetricOperator,
     num_iters: int,
     num_probes: int,
-    reorth: str = "full",
+    reorth: str = "partial",
     seed: int = 0,
     probe: str = "rademacher",
     progress: bool = True,
@@ -211,8 +211,13 @@ def slq(
         Lanczos iterations per probe ``k`` (quadrature nodes per probe).
     num_probes : int
         Number of independent probes ``P``.
-    reorth : {"full", "offload", "partial", "none"}
-        See :func:`~hess_utils.algorithms.lanczos.lanczos`.
+    reorth : {"partial", "full", "offload", "none"}
+        See :func:`~hess_utils.algorithms.lanczos.lanczos`. The default, ``"partial"``, keeps the basis on the
+        operator's device like ``"full"`` and keeps it semi-orthogonal, which gives the Ritz values and weights
+        of ``"full"`` to working precision and no ghosts, re-orthogonalising only the steps whose estimated or
+        measured loss of orthogonality asks for it (``benchmarks/RESULTS.md``: SLQ time against ``"full"``).
+        ``"full"`` re-orthogonalises every step (the reference); ``"offload"`` when the basis does not fit on
+        the device; ``"none"`` when it does not fit at all (Cullum-Willoughby flags the ghosts).
     seed : int
         Probe ``p`` starts from ``op.random_vector(probe, seed * 1_000_003 + p)``.
     probe : {"rademacher", "gaussian"}

@@ -44,7 +44,7 @@ def spectrum_run(
     batch_size: int = 4,
     num_iters: int = 30,
     num_probes: int = 1,
-    reorth: str = "full",
+    reorth: str = "partial",
     seed: int = 0,
     params: Any = None,
     method: str = "auto",
@@ -306,11 +306,11 @@ def basis_bytes(dim: int, num_iters: int, dtype: torch.dtype = torch.float32) ->
 def reorth_costs(
     op: SymmetricOperator,
     num_iters: int,
-    modes: Sequence[str] = ("none", "full", "offload"),
+    modes: Sequence[str] = ("none", "partial", "full", "offload"),
     seed: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Measure the three re-orthogonalisation modes on one operator: time per iteration and where the basis is.
+    """Measure re-orthogonalisation modes on one operator: time per iteration and where the basis is.
 
     Each mode runs ``num_iters`` Lanczos steps from the same start vector (``seed``); every step is timed, and
     the time of its product with ``H`` is timed separately, so ``reorth_s_per_iter`` is the cost of the

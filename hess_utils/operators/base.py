@@ -36,6 +36,11 @@ class SymmetricOperator(ABC):
         Whether :meth:`matmat` of ``k`` vectors costs less than ``k`` products one after the other (False
         here: the default :meth:`matmat` is that loop); algorithms use it to decide whether to run probes
         together.
+    product_rtol : float or None
+        The relative accuracy of a product where it is far worse than the dtype's rounding (finite
+        differences), else None. A product that accurate is also only that symmetric, and Lanczos loses
+        orthogonality at that rate: ``reorth="partial"`` starts its estimates at this level
+        (:func:`~hess_utils.algorithms.lanczos.omega_rounding`).
     """
 
     param_names: list[str]
@@ -43,6 +48,7 @@ class SymmetricOperator(ABC):
     dtypes: list[torch.dtype]
     devices: list[torch.device]
     batched_matmat: bool = False
+    product_rtol: float | None = None
 
     @property
     def dim(self) -> int:

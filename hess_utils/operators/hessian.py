@@ -401,6 +401,14 @@ class HessianOperator(SymmetricOperator):
         return out
 
     @property
+    def product_rtol(self) -> float | None:
+        """Finite differences: the relative truncation error the step aims below (``FD_TOLERANCE`` of the least
+        precise dtype); None for the exact methods (see :class:`~hess_utils.operators.base.SymmetricOperator`)."""
+        if self.method != "fd":
+            return None
+        return max(FD_TOLERANCE.get(d, max(FD_TOLERANCE.values())) for d in self.dtypes)
+
+    @property
     def batched_matmat(self) -> bool:
         """True for exact products on an accelerator: one batched double backward for all vectors (on a CPU
         it loses to one product after the other, measured)."""
