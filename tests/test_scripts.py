@@ -1,4 +1,5 @@
-"""The GPU check script runs end to end on CPU (gloo in place of nccl) so it cannot rot unnoticed."""
+"""Scripts run end to end on CPU (the GPU checks with gloo in place of nccl; a benchmark on a small operator),
+so that they cannot rot unnoticed."""
 
 from __future__ import annotations
 
@@ -21,3 +22,21 @@ def test_gpu_checks_cpu_smoke(tmp_path):
     assert checks["device_map cpu + cpu"]["hvp_rel_error"] < 1e-10
     assert checks["FSDP2 finite differences, 1 gloo rank"]["hvp_rel_error"] < 1e-6
     assert "versions" in record and "git_commit" in record
+
+
+def test_reorth_modes_benchmark_smoke(tmp_path, capsys):
+    """``make bench``'s re-orthogonalisation table, on a small diagonal operator: it runs, writes its table, and
+    ``partial`` (the SLQ default) matches ``full`` where ``none`` does not."""
+    import csv
+
+    from benchmarks import reorth_modes
+
+    out = tmp_path / "modes"
+    reorth_modes.main(["--operator", "diag", "--dim", "20000", "--iters", "20", "--out", str(out)])
+    rows = {r["mode"]: r for r in csv.DictReader(open(f"{out}.csv"))}
+    assert set(rows) == {"full", "partial", "none"} and (tmp_path / "modes.md").exists()
+    assert float(rows["partial"]["w1_over_width"]) < 1e-6 < float(rows["none"]["w1_over_width"])
+    assert float(rows["partial"]["orthogonality"]) < 3.45e-4  # sqrt(eps), float32
+    steps, iters = rows["partial"]["reorth_steps"].split("/")
+    assert 0 < int(steps) < int(iters) == 20
+    assert "re-orthogonalised at" in capsys.readouterr().out
