@@ -102,7 +102,7 @@ bench: install
 	@echo "== top-k eigenpairs against ARPACK and PyHessian (benchmarks/eigs.py)"
 	$(PY) -m benchmarks.eigs --results-md $(EIGS_ARGS)
 	@echo "== re-orthogonalisation modes on the GPT-2 shape's Hessian (benchmarks/reorth_modes.py, about 2 min)"
-	$(PY) -m benchmarks.reorth_modes --results-md $(if $(findstring --quick,$(BENCH_ARGS)),--iters 20,)
+	$(PY) -m benchmarks.reorth_modes $(if $(findstring --quick,$(BENCH_ARGS)),--iters 20,--results-md)
 
 clean-data:
 	rm -rf data/corpora data/models data/tokenizers

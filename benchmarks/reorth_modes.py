@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     eps = float(torch.finfo(dtype).eps)
     print(f"{what}, {args.dtype}, {device}, {args.iters} iterations, {torch.get_num_threads()} threads; "
           f"sqrt(eps) = {math.sqrt(eps):.2e}")
+    owned_matvec(op, op.random_vector("rademacher", 0))  # warm-up: the first product builds caches and graphs
     rows = []
     for mode in args.modes.split(","):
         runs = [run_mode(op, mode, args.iters) for _ in range(args.repeats)]

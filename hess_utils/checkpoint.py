@@ -75,7 +75,7 @@ from typing import Any
 import torch
 
 from hess_utils import _io, runs
-from hess_utils.algorithms.lanczos import LanczosResult, LanczosState, OmegaEstimates
+from hess_utils.algorithms.lanczos import LanczosResult, LanczosState, OmegaEstimates, _rank_group
 from hess_utils.algorithms.probes import check_count, check_seed
 from hess_utils.algorithms.slq import SLQResult, stack_runs
 from hess_utils.distributed import same_on_all_ranks
@@ -117,7 +117,8 @@ def _default_writer() -> bool:
 
 
 def _fix_hint(run_dir: Path) -> str:
-    return f"use another run folder (--out), or delete {run_dir} to start over"
+    return (f"use another run folder (--out), or delete {run_dir} to start over (a run started before SLQ's "
+            "default became reorth='partial' resumes with reorth='full' / --reorth full)")
 
 
 def operator_fingerprint(op: SymmetricOperator) -> dict[str, Any]:
@@ -557,7 +558,8 @@ class SLQStore:
             num_iters=s["num_iters"], reorth=s["reorth"], seed=s["seed"], probe=s["probe"], tol=s["tol"],
             rtol=s["rtol"], unit_roundoff=s["unit_roundoff"], q=q, q_prev=q_prev, alphas=list(s["alphas"]),
             betas=list(s["betas"]), iteration=s["iteration"], basis=basis, breakdown=s["breakdown"],
-            omega=OmegaEstimates.from_dict(s["omega"]) if s.get("omega") is not None else None)
+            omega=OmegaEstimates.from_dict(s["omega"]) if s.get("omega") is not None else None,
+            rank_group=_rank_group(op) if s["reorth"] == "partial" else None)
 
     def load(self) -> None:
         """Restore finished probes and the group in flight from ``checkpoint.pt`` (every rank reads it)."""

@@ -201,8 +201,9 @@ def tridiagonal_frame(result: SLQResult) -> pd.DataFrame:
 
 def probes_frame(result: SLQResult) -> pd.DataFrame:
     """One row per probe: ``probe, seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts,
-    reorth_steps, check_steps, max_omega``; the last three describe ``reorth="partial"`` (re-orthogonalised
-    and checked iterations, Simon's estimate of the loss) and are 0, 0 and NaN in the other modes."""
+    reorth_steps, check_steps, max_omega``: re-orthogonalised iterations (all with ``"full"``/``"offload"``,
+    none with ``"none"``), and for ``reorth="partial"`` the checked ones and Simon's estimate of the loss (0 and
+    NaN in the other modes)."""
     import pandas as pd
 
     return pd.DataFrame({
@@ -213,7 +214,8 @@ def probes_frame(result: SLQResult) -> pd.DataFrame:
         "last_beta": [r.last_beta for r in result.runs],
         "orthogonality_loss": [r.orthogonality_loss for r in result.runs],
         "ghosts": [int(r.ghost_mask.sum()) for r in result.runs],
-        "reorth_steps": [int(r.num_reorth_steps) for r in result.runs],
+        "reorth_steps": [int(r.num_iters) if r.reorth in ("full", "offload") else int(r.num_reorth_steps)
+                         for r in result.runs],
         "check_steps": [len(r.check_steps or ()) for r in result.runs],
         "max_omega": [np.nan if r.max_omega is None else float(r.max_omega) for r in result.runs],
     })

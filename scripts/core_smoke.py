@@ -5,9 +5,10 @@
 Run by ``make core-smoke`` (part of ``make test``) in a scratch environment that holds only the
 ``[project] dependencies`` of pyproject.toml, none of the ``harness`` extra (corpora, GGUF, tokenizer
 training) nor the ``dev`` one. A tiny Llama is built from a config (no download), its exact Hessian in float64
-is taken as an operator, SLQ runs with full re-orthogonalisation for ``m = dim`` steps on one probe, and
-the checks are ones that can fail: the Ritz values of a complete Krylov basis are the eigenvalues of the
-dense Hessian (built column by column with the same operator, then ``numpy.linalg.eigvalsh``), and no
+is taken as an operator, SLQ runs with its default re-orthogonalisation (``"partial"``: a semi-orthogonal
+basis) for ``m = dim`` steps on one probe, and the checks are ones that can fail: the Ritz values of a
+complete Krylov basis are the eigenvalues of the dense Hessian (built column by column with the same
+operator, then ``numpy.linalg.eigvalsh``), and no
 module of the reproduction harness nor any harness-only package was imported on the way.
 """
 

@@ -193,6 +193,21 @@ def _skewed_operator(relative: float) -> tuple[SymmetricOperator, np.ndarray]:
     return as_operator(a + skew, check_symmetric=False), eigs
 
 
+@pytest.mark.parametrize("relative", [1e-9, 1e-7])
+def test_early_checks_keep_an_operator_far_from_symmetric_semi_orthogonal(relative):
+    """Asymmetries from 1e-9 to 1e-7 ||H|| (eps 2.2e-16): the checks at iterations 1, 2, 4 and 8 find the level
+    before the first vectors lose orthogonality, and the run keeps full's Ritz values with no warning."""
+    op, eigs = _skewed_operator(relative)
+    eps = float(torch.finfo(torch.float64).eps)
+    full = lanczos(op, ITERS, reorth="full", seed=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = lanczos(op, ITERS, reorth="partial", seed=2, progress=False)
+    assert res.orthogonality_loss <= math.sqrt(eps)
+    assert res.omega_rounding > 1e3 * lz.omega_rounding(eps)
+    np.testing.assert_allclose(res.ritz_values, full.ritz_values, rtol=0, atol=1e-9 * eigs.max())
+
+
 def test_measurements_raise_the_rounding_level_for_an_operator_rounding_worse_than_eps(monkeypatch):
     """An asymmetry of 1e-11 ||H||: the starting level (8 eps) underestimates the loss; the checks measure it,
     raise the level, and the run stays semi-orthogonal with the Ritz values of full. The same run blind to
@@ -217,12 +232,13 @@ def test_measurements_raise_the_rounding_level_for_an_operator_rounding_worse_th
 
 
 def test_a_check_every_ten_steps_when_nothing_crosses():
-    """A spectrum that loses orthogonality slowly: the estimates stay low and a vector is measured every
-    CHECK_EVERY steps, and no more often."""
+    """A spectrum that loses orthogonality slowly: the estimates stay low and a vector is measured at the early
+    iterations, then every CHECK_EVERY steps, and no more often."""
     op = as_operator(symmetric_with_eigenvalues(np.linspace(-1.0, 1.0, 400), seed=1))
     res = lanczos(op, 40, reorth="partial", seed=2, progress=False)
     assert res.num_reorth_steps == 0
-    assert res.check_steps == tuple(range(lz.CHECK_EVERY, 41, lz.CHECK_EVERY))
+    assert lz.EARLY_CHECKS == (1, 2, 4, 8) and lz.CHECK_EVERY == 10
+    assert res.check_steps == (1, 2, 4, 8, 18, 28, 38)
     assert res.orthogonality_loss <= res.max_omega
 
 
@@ -395,7 +411,6 @@ def test_float32_partial_estimates_bound_the_measured_loss_on_long_vectors():
     """The rounding level 8 eps (whatever n) bounds the true loss row by row at n = 4e5 on a diagonal operator,
     the worst case for it (every rounding of an entry lies along an eigenvector)."""
     op, _ = _long_lm_operator()
-    assert lz.omega_rounding(1.0) == lz.ROUNDINGS_PER_STEP
     state = lanczos_init(op, 40, reorth="partial", seed=0)
     for _ in range(40):
         lanczos_step(op, state)
@@ -404,3 +419,63 @@ def test_float32_partial_estimates_bound_the_measured_loss_on_long_vectors():
     measured = np.array([float(gram[j, :j].max()) for j in range(1, 41)])
     assert np.all(np.array(state.omega.row_max) >= measured)
     assert measured.max() <= math.sqrt(float(torch.finfo(torch.float32).eps))
+
+
+# ---------------------------------------------------------------------------------------------- finite differences
+@pytest.mark.parametrize("wrap", [False, True])
+def test_finite_difference_operators_declare_their_accuracy_and_stay_semi_orthogonal(wrap):
+    """An FD product is only as symmetric as it is accurate (1e-8 relative in float64, about sqrt(eps)): the
+    operator says so (product_rtol), wrappers pass it on, and partial then re-orthogonalises as needed."""
+    from hess_utils.algorithms.blocks import BlockDiagonalOperator
+    from hess_utils.operators.hessian import FD_TOLERANCE
+
+    op = hessian_operator(tiny_model("gpt2"), tiny_batches(num_batches=1), method="fd")
+    exact = hessian_operator(tiny_model("gpt2"), tiny_batches(num_batches=1), method="rev-rev")
+    assert op.product_rtol == FD_TOLERANCE[torch.float64] and exact.product_rtol is None
+    if wrap:
+        half = len(op.param_names) // 2  # two groups: two inner products per product
+        op = BlockDiagonalOperator(op, [op.param_names[:half], op.param_names[half:]])
+        assert op.product_rtol == FD_TOLERANCE[torch.float64]
+    eps = float(torch.finfo(torch.float64).eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = lanczos(op, 20, reorth="partial", seed=0, progress=False)
+    assert res.omega_rounding >= FD_TOLERANCE[torch.float64]
+    assert res.orthogonality_loss <= math.sqrt(eps)
+    assert res.num_reorth_steps >= 15  # nearly every step: the estimates start at the FD accuracy
+
+
+# ---------------------------------------------------------------------------------------------- torch.distributed
+class _TwoRanks(SymmetricOperator):
+    """A dense operator that says it is spread over two ranks (as the DDP and FSDP engines do)."""
+
+    world_size, group = 2, None
+
+    def __init__(self, inner: SymmetricOperator) -> None:
+        self.inner = inner
+        self.param_names, self.shapes = inner.param_names, inner.shapes
+        self.dtypes, self.devices = inner.dtypes, inner.devices
+
+    def _matvec(self, v):
+        return self.inner.matvec(v)
+
+
+def test_a_reorthogonalisation_any_rank_decides_happens_on_every_rank(monkeypatch):
+    """Ranks whose vectors differ in the last bits must not branch apart: each decision is a max all-reduce.
+    Here the other rank (simulated) always decides to re-orthogonalise; this one follows every time."""
+    import torch.distributed as dist
+
+    local = []
+
+    def other_rank_says_yes(flag, op=None, group=None):
+        assert op == dist.ReduceOp.MAX and group is None
+        local.append(int(flag.item()))
+        flag.fill_(1)
+
+    monkeypatch.setattr(dist, "all_reduce", other_rank_says_yes)
+    op = _TwoRanks(as_operator(symmetric_with_eigenvalues(np.linspace(-1.0, 1.0, 100), seed=1)))
+    res = lanczos(op, 12, reorth="partial", seed=2, progress=False)
+    assert 0 in local  # alone, this rank would have skipped some steps
+    assert res.reorth_steps == tuple(range(1, 13))
+    alone = lanczos(op.inner, 12, reorth="partial", seed=2, progress=False)
+    assert alone.num_reorth_steps < 12

@@ -79,6 +79,11 @@ class BlockDiagonalOperator(SymmetricOperator):
         self.param_names, self.shapes = list(op.param_names), list(op.shapes)
         self.dtypes, self.devices = list(op.dtypes), list(op.devices)
 
+    @property
+    def product_rtol(self) -> float | None:
+        """That of the wrapped operator: its products, restricted, are this one's."""
+        return self.op.product_rtol
+
     def _matvec(self, v: TensorList) -> TensorList:
         out = V.zeros_like(v)
         for group in self.groups:

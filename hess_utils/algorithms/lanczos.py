@@ -73,6 +73,8 @@ _ACC_CHUNK = 1 << 14
 # reorth="partial": at most this many steps between two measurements of a new vector against the whole basis
 # (OmegaEstimates.check_every). A check reads the basis once; every 10 steps that is 5 % of what "full" reads.
 CHECK_EVERY = 10
+# ... and at these iterations, where the basis is short: a check of iteration j reads j rows.
+EARLY_CHECKS = (1, 2, 4, 8)
 # reorth="partial": the starting rounding level of its estimates, in units of eps (omega_rounding).
 ROUNDINGS_PER_STEP = 8
 
@@ -314,7 +316,7 @@ class OmegaEstimates:
     max_measured: float = 0.0
 
     @classmethod
-    def start(cls, unit_roundoff: float, product_rtol: float | None = None) -> OmegaEstimates:
+    def start(cls, unit_roundoff: float, *, product_rtol: float | None = None) -> OmegaEstimates:
         """The estimates before the first iteration: :math:`\\omega_{11} = 1` only; the rounding level is
         :func:`omega_rounding`, or the operator's ``product_rtol`` where that is larger (finite differences)."""
         rounding = max(omega_rounding(unit_roundoff), product_rtol or 0.0)
@@ -338,8 +340,11 @@ class OmegaEstimates:
         return cls(**d)
 
     def check_due(self) -> bool:
-        """True when the new vector must be measured: :attr:`check_every` steps since the last measured one."""
-        return self.since_check + 1 >= self.check_every
+        """True when the new vector must be measured: at iterations 1, 2, 4 and 8 (:data:`EARLY_CHECKS`: an
+        operator rounding far worse than the starting level is found before the first vectors have lost
+        what no later re-orthogonalisation restores), then :attr:`check_every` steps after the last measured
+        one."""
+        return self.iteration + 1 in EARLY_CHECKS or self.since_check + 1 >= self.check_every
 
     def measured(self, row: np.ndarray, loss: np.ndarray) -> np.ndarray:
         """Compare the estimated ``row`` with the measured ``loss`` :math:`|q_k^\\top w| / \\lVert w \\rVert`,
@@ -426,9 +431,13 @@ class LanczosState:
     unit_roundoff : float
         Machine epsilon of the least precise block dtype (scales the ghost tolerance).
     omega : OmegaEstimates or None
-        ``reorth="partial"`` only: the orthogonality estimates. None (also in a state built without them, e.g.
-        from a checkpoint) makes the next step rebuild them from ``alphas`` and ``betas``
-        (:func:`replay_omega_estimates`).
+        ``reorth="partial"`` only: the orthogonality estimates (saved in checkpoints). None (a state built
+        without them, e.g. from a checkpoint written before they were saved) makes the next step rebuild them
+        from ``alphas`` and ``betas`` (:func:`replay_omega_estimates`).
+    rank_group : process group, optional
+        Set for operators spread over torch.distributed ranks (``world_size > 1``): ``reorth="partial"``'s
+        decisions are then made by all ranks together (a max all-reduce), so that ranks whose vectors differ
+        in the last bits cannot take different branches.
     """
 
     num_iters: int
@@ -446,6 +455,7 @@ class LanczosState:
     basis: list[torch.Tensor] | None = None
     breakdown: bool = False
     omega: OmegaEstimates | None = None
+    rank_group: object | None = None
 
     @property
     def done(self) -> bool:
@@ -563,10 +573,10 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """``sum_i <a_i, b_i>`` as a Python float, for the alphas and betas of a step.
 
     CPU float32 blocks longer than :data:`_ACC_CHUNK`: the rows of ``(-1, _ACC_CHUNK)`` views dotted in
-    one call (:func:`torch.linalg.vecdot`, whose sums are pairwise), the row sums added in float64; accurate
-    to a few eps of ``sum |a_i b_i|`` with no float64 copy of the block (which is what makes
-    :func:`~hess_utils.vectors.dot` several times slower there) and no Python loop over chunks. Other
-    blocks: :func:`~hess_utils.vectors.dot`.
+    one call (:func:`torch.linalg.vecdot`, whose sums are pairwise; it makes one float32 temporary of the
+    block's size), the row sums added in float64; accurate to a few eps of ``sum |a_i b_i|`` with no float64
+    copy of the block (which is what makes :func:`~hess_utils.vectors.dot` several times slower there) and no
+    Python loop over chunks. Other blocks: :func:`~hess_utils.vectors.dot`.
     """
     total = 0.0
     rest_a, rest_b = [], []
@@ -767,7 +777,7 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
     j = state.iteration + 1
     size = _fast_norm(w)
     row = est.next_row([*state.alphas, alpha], state.betas, size)
-    reorthogonalise = est.pending or est.exceeds(row)
+    reorthogonalise = _agreed(state, est.pending or est.exceeds(row))
     measure = reorthogonalise or est.check_due()
     coeffs = None
     if measure:
@@ -775,13 +785,35 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
         loss = np.abs(coeffs.to("cpu").numpy()) / size if size > 0 else np.zeros(j)
         row = est.measured(row, loss)
         if not reorthogonalise:
-            est.check_steps.append(j)
+            reorthogonalise = _agreed(state, est.exceeds(row))
+            if not reorthogonalise:
+                est.check_steps.append(j)
             est.max_measured = max(est.max_measured, float(np.max(loss)))
-            reorthogonalise = est.exceeds(row)
     if reorthogonalise:
         size = _reorthogonalise_(w, state.basis, j, coeffs=coeffs)
     est.accept(row, reorthogonalise, measured=measure)
     return size
+
+
+def _rank_group(op: SymmetricOperator) -> object | None:
+    """The process group of an operator spread over several torch.distributed ranks, else None."""
+    if getattr(op, "world_size", 1) <= 1:
+        return None
+    return getattr(op, "group", None) or "world"
+
+
+def _agreed(state: LanczosState, decision: bool) -> bool:
+    """``decision`` taken by every rank of the state's group when any rank takes it (a max all-reduce), so that
+    a re-orthogonalisation happens on all ranks or on none; ``decision`` itself on one process."""
+    if state.rank_group is None:
+        return decision
+    import torch.distributed as dist
+
+    group = None if state.rank_group == "world" else state.rank_group
+    device = state.basis[0].device if state.basis else torch.device("cpu")
+    flag = torch.tensor([int(decision)], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
 
 
 # ---------------------------------------------------------------------------------------------- state machine
@@ -817,7 +849,8 @@ def lanczos_init(
         state.basis = _allocate_basis(q, num_iters + 1, offload=reorth == "offload", workspace=workspace)
         _store_row(state.basis, 0, q)
     if reorth == "partial":
-        state.omega = OmegaEstimates.start(state.unit_roundoff, getattr(op, "product_rtol", None))
+        state.omega = OmegaEstimates.start(state.unit_roundoff, product_rtol=getattr(op, "product_rtol", None))
+        state.rank_group = _rank_group(op)
     return state
 
 

@@ -196,6 +196,11 @@ class PreconditionedOperator(SymmetricOperator):
             raise ValueError("the preconditioner's diagonal must be positive")
         self.scale_vector = [d.rsqrt() for d in diagonal]
 
+    @property
+    def product_rtol(self) -> float | None:
+        """That of the wrapped operator (a diagonal scaling keeps a product's relative accuracy)."""
+        return self.op.product_rtol
+
     def _matvec(self, v: TensorList) -> TensorList:
         w = [x * s for x, s in zip(v, self.scale_vector, strict=True)]
         return [x * s for x, s in zip(self.op.matvec(w), self.scale_vector, strict=True)]

@@ -305,8 +305,9 @@ def block_diagonal_study(model: torch.nn.Module, tokenizer: Any, out: str | Path
     for label, operator in (("H", op), (f"H_bd ({spectrum_grouping})", BlockDiagonalOperator(op, spectrum_grouping))):
         cfg = dict(model=model_name, data=data_name, seq_len=seq_len, num_sequences=num_sequences,
                    method="rev-rev", operator=label)
-        run_dir = runs.result_dir(Path(out), "09_bd_slq", {**cfg, "num_iters": num_iters, "seed": seed})
-        slq(operator, num_iters, 1, seed=seed, checkpoint_dir=run_dir, config=cfg,
+        run_dir = runs.result_dir(Path(out), "09_bd_slq", {**cfg, "num_iters": num_iters, "seed": seed,
+                                                          "reorth": "partial"})
+        slq(operator, num_iters, 1, reorth="partial", seed=seed, checkpoint_dir=run_dir, config=cfg,
             record=dict(model=model_name, data=data_name, operator=label))
         spectra[label] = runs.load_run(run_dir)[0]
     return res["errors"], spectra
