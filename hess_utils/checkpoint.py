@@ -75,7 +75,7 @@ from typing import Any
 import torch
 
 from hess_utils import _io, runs
-from hess_utils.algorithms.lanczos import LanczosResult, LanczosState, OmegaEstimates, _rank_group
+from hess_utils.algorithms.lanczos import LanczosResult, LanczosState, OmegaEstimates, rank_group_of
 from hess_utils.algorithms.probes import check_count, check_seed
 from hess_utils.algorithms.slq import SLQResult, stack_runs
 from hess_utils.distributed import same_on_all_ranks
@@ -559,7 +559,7 @@ class SLQStore:
             rtol=s["rtol"], unit_roundoff=s["unit_roundoff"], q=q, q_prev=q_prev, alphas=list(s["alphas"]),
             betas=list(s["betas"]), iteration=s["iteration"], basis=basis, breakdown=s["breakdown"],
             omega=OmegaEstimates.from_dict(s["omega"]) if s.get("omega") is not None else None,
-            rank_group=_rank_group(op) if s["reorth"] == "partial" else None)
+            rank_group=rank_group_of(op) if s["reorth"] == "partial" else None)
 
     def load(self) -> None:
         """Restore finished probes and the group in flight from ``checkpoint.pt`` (every rank reads it)."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -134,8 +134,9 @@ class LanczosResult:
         ``reorth="partial"`` only: the iterations whose new vector was measured against the whole basis
         without needing a re-orthogonalisation (:attr:`OmegaEstimates.check_every`); None in the other modes.
     omega_rounding : float or None
-        ``reorth="partial"`` only: the rounding level :math:`\\varepsilon_1` of the estimates at the end, the
-        machine epsilon unless a measurement exceeded its estimate and raised it (:func:`omega_rounding`).
+        ``reorth="partial"`` only: the rounding level :math:`\\varepsilon_1` of the estimates at the end: 8 eps
+        (:func:`omega_rounding`) or the operator's ``product_rtol`` if larger, unless a measurement exceeded its
+        estimate and raised it.
     """
 
     alphas: np.ndarray
@@ -198,7 +199,7 @@ class LanczosResult:
         return self.ritz_values[~self.ghost_mask]
 
 
-def omega_rounding(unit_roundoff: float, dim: int | None = None) -> float:
+def omega_rounding(unit_roundoff: float) -> float:
     """The starting rounding level :math:`\\varepsilon_1 = 8 \\varepsilon` of Simon's recurrence.
 
     :math:`\\varepsilon_1` models :math:`|q_j^\\top f_k|`, the component along a basis vector of the rounding
@@ -220,7 +221,6 @@ def omega_rounding(unit_roundoff: float, dim: int | None = None) -> float:
     re-orthogonalisation's coefficients, and a check at least every :data:`CHECK_EVERY` steps) that
     exceeds its estimate raises it (:meth:`OmegaEstimates.measured`); and an operator that knows its products
     to be less accurate declares it (``product_rtol``, finite differences), where the estimates then start.
-    ``dim`` is unused (kept for callers).
     """
     return ROUNDINGS_PER_STEP * float(unit_roundoff)
 
@@ -297,9 +297,6 @@ class OmegaEstimates:
         Steps since the last measured one (a re-orthogonalisation measures its vector too).
     check_steps : list of int
         The iterations whose new vector was measured without needing a re-orthogonalisation.
-    max_measured : float
-        The largest measured :math:`\\max_k |q_{j+1}^\\top q_k|` of a checked vector (before any
-        re-orthogonalisation), 0 before the first.
     """
 
     rounding: float
@@ -313,7 +310,6 @@ class OmegaEstimates:
     check_every: int = CHECK_EVERY
     since_check: int = 0
     check_steps: list[int] = field(default_factory=list)
-    max_measured: float = 0.0
 
     @classmethod
     def start(cls, unit_roundoff: float, *, product_rtol: float | None = None) -> OmegaEstimates:
@@ -329,11 +325,12 @@ class OmegaEstimates:
                 "previous": None if self.previous is None else [float(x) for x in self.previous],
                 "pending": self.pending, "reorth_steps": list(self.reorth_steps), "row_max": list(self.row_max),
                 "check_every": self.check_every, "since_check": self.since_check,
-                "check_steps": list(self.check_steps), "max_measured": self.max_measured}
+                "check_steps": list(self.check_steps)}
 
     @classmethod
     def from_dict(cls, d: dict) -> OmegaEstimates:
-        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}  # a field dropped since the checkpoint was written
         d["current"] = np.asarray(d["current"], dtype=np.float64)
         if d["previous"] is not None:
             d["previous"] = np.asarray(d["previous"], dtype=np.float64)
@@ -788,14 +785,13 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
             reorthogonalise = _agreed(state, est.exceeds(row))
             if not reorthogonalise:
                 est.check_steps.append(j)
-            est.max_measured = max(est.max_measured, float(np.max(loss)))
     if reorthogonalise:
         size = _reorthogonalise_(w, state.basis, j, coeffs=coeffs)
     est.accept(row, reorthogonalise, measured=measure)
     return size
 
 
-def _rank_group(op: SymmetricOperator) -> object | None:
+def rank_group_of(op: SymmetricOperator) -> object | None:
     """The process group of an operator spread over several torch.distributed ranks, else None."""
     if getattr(op, "world_size", 1) <= 1:
         return None
@@ -850,7 +846,7 @@ def lanczos_init(
         _store_row(state.basis, 0, q)
     if reorth == "partial":
         state.omega = OmegaEstimates.start(state.unit_roundoff, product_rtol=getattr(op, "product_rtol", None))
-        state.rank_group = _rank_group(op)
+        state.rank_group = rank_group_of(op)
     return state
 
 
