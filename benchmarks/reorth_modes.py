@@ -13,14 +13,14 @@ elementwise multiplication, so what is timed is the Lanczos bookkeeping alone. I
   trained LM Hessian (the outliers converge in a few steps and a plain run loses orthogonality fast);
 * ``flat``: uniform on [-1, 1], no outliers (slow convergence, slow loss of orthogonality).
 
-Each mode runs once from the same seed-0 probe (``--repeats``: more runs, the least times kept). Per mode it
-prints the mean time of the product and of the rest of the step (:func:`lanczos_advance`), the rest over
-the product, the time of :func:`lanczos_finish` (which measures ``max |Q^T Q - I|`` from the basis), the
-re-orthogonalised and the checked steps of ``"partial"``, the measured orthogonality and Simon's estimate of
-it, the top Ritz value, the largest difference of the top five Ritz values from those of ``"full"`` relative
-to ``max |theta|``, and the Wasserstein-1 distance of the run's spectral measure (Ritz values, weights) to
-that of ``"full"``, relative to the width of ``"full"``'s Ritz values. ``--out PATH`` also writes the table as
-CSV and markdown; ``--results-md`` writes it to the ``reorth-modes`` section of ``benchmarks/RESULTS.md``.
+Each mode runs once from the same seed-0 probe (``--repeats``: more runs, the least times kept). Per mode it prints
+the mean time of the product and of the rest of the step (:func:`lanczos_advance`), the rest over the product, the
+time of :func:`lanczos_finish` (which measures ``max |Q^T Q - I|`` from the basis), the re-orthogonalised, the
+checked and the recalibrated steps of ``"partial"``, the measured orthogonality and Simon's estimate of it, the top
+Ritz value, the largest difference of the top five Ritz values from those of ``"full"`` relative to ``max
+|theta|``, and the Wasserstein-1 distance of the run's spectral measure (Ritz values, weights) to that of
+``"full"``, relative to the width of ``"full"``'s Ritz values. ``--out PATH`` also writes the table as CSV and
+markdown; ``--results-md`` writes it to the ``reorth-modes`` section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     scale = float(np.abs(reference.ritz_values).max())
     width = float(reference.ritz_values.max() - reference.ritz_values.min())
     header = (f"{'mode':<8} {'product ms':>10} {'rest ms/step':>12} {'rest/product':>12} {'finish s':>9} "
-              f"{'reorth steps':>12} {'checks':>6} {'max|QtQ-I|':>10} {'max omega':>9} {'top Ritz':>12} "
+              f"{'reorth steps':>12} {'checks':>6} {'recal':>5} {'max|QtQ-I|':>10} {'max omega':>9} {'top Ritz':>12} "
               f"{'top-5 vs full':>13} {'W1/width':>9}")
     print(header)
     table = []
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = f"{res.num_reorth_steps}/{res.num_iters}" if res.reorth == "partial" else (
             f"{res.num_iters}/{res.num_iters}" if res.reorth in ("full", "offload") else "0")
         checks = str(len(res.check_steps)) if res.check_steps is not None else "-"
+        recal = str(len(res.recalibration_steps)) if res.recalibration_steps is not None else "-"
         omega = f"{res.max_omega:.1e}" if res.max_omega is not None else "-"
         diff = "-" if top_full is None else f"{np.abs(res.ritz_values[-5:] - top_full).max() / scale:.1e}"
         w1_value = (None if full is None else
@@ -165,14 +166,16 @@ def main(argv: list[str] | None = None) -> None:
         row = dict(mode=r["mode"], operator=args.operator, n=op.dim, dtype=args.dtype, products=res.num_iters,
                    product_ms=r["product_ms"], rest_ms_per_step=r["advance_ms"],
                    rest_over_product=r["advance_ms"] / r["product_ms"], finish_s=r["finish_s"],
-                   reorth_steps=steps, checks=checks, orthogonality=res.orthogonality_loss, max_omega=omega,
+                   reorth_steps=steps, checks=checks, recalibrations=recal, orthogonality=res.orthogonality_loss,
+                   max_omega=omega,
                    top_ritz=float(res.ritz_values[-1]), top5_vs_full=diff, w1_over_width=w1)
         table.append(row)
         print(f"{r['mode']:<8} {r['product_ms']:>10.2f} {r['advance_ms']:>12.2f} {row['rest_over_product']:>12.3f} "
-              f"{r['finish_s']:>9.2f} {steps:>12} {checks:>6} {res.orthogonality_loss:>10.1e} {omega:>9} "
+              f"{r['finish_s']:>9.2f} {steps:>12} {checks:>6} {recal:>5} {res.orthogonality_loss:>10.1e} {omega:>9} "
               f"{row['top_ritz']:>12.6f} {diff:>13} {w1:>9}")
         if res.reorth == "partial":
-            print(f"         re-orthogonalised at {list(res.reorth_steps)}, checked at {list(res.check_steps)}")
+            print(f"         re-orthogonalised at {list(res.reorth_steps)}, checked at {list(res.check_steps)}, "
+                  f"recalibrated at {list(res.recalibration_steps)}")
     command = f"`python -m benchmarks.reorth_modes {' '.join(argv if argv is not None else sys.argv[1:])}`"
     md = (f"{command} ({torch.get_num_threads()} thread(s)); {what}, {args.dtype}, {args.device}.\n\n"
           + "| " + " | ".join(table[0]) + " |\n|" + "---|" * len(table[0]) + "\n"

@@ -227,7 +227,9 @@ def _result_to_dict(result: LanczosResult) -> dict[str, Any]:
                reorth_steps=None if result.reorth_steps is None else [int(i) for i in result.reorth_steps],
                max_omega=None if result.max_omega is None else float(result.max_omega),
                check_steps=None if result.check_steps is None else [int(i) for i in result.check_steps],
-               omega_rounding=None if result.omega_rounding is None else float(result.omega_rounding))
+               omega_rounding=None if result.omega_rounding is None else float(result.omega_rounding),
+               recalibration_steps=None if result.recalibration_steps is None
+               else [int(i) for i in result.recalibration_steps])
     return out
 
 
@@ -239,7 +241,9 @@ def _result_from_dict(d: dict[str, Any]) -> LanczosResult:
                          reorth_steps=None if d.get("reorth_steps") is None else tuple(d["reorth_steps"]),
                          max_omega=d.get("max_omega"),
                          check_steps=None if d.get("check_steps") is None else tuple(d["check_steps"]),
-                         omega_rounding=d.get("omega_rounding"))
+                         omega_rounding=d.get("omega_rounding"),
+                         recalibration_steps=None if d.get("recalibration_steps") is None
+                         else tuple(d["recalibration_steps"]))
 
 
 def _state_scalars(state: LanczosState) -> dict[str, Any]:

@@ -61,10 +61,11 @@ run folder (--out) of spectrum:
   ritz.csv         probe,value,weight,ghost,residual: one row per Ritz pair (written last)
   tridiagonal.csv  probe,i,alpha,beta: the Lanczos matrices
   probes.csv       per probe: seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts,
-                   reorth_steps, check_steps, max_omega (reorth=partial: re-orthogonalised and checked steps, estimate)
+                   reorth_steps, check_steps, recalibration_steps, max_omega (reorth=partial: re-orthogonalised,
+                   checked and recalibrated steps, estimate)
   density.csv      eigenvalue,density: Gaussian-smoothed density (sigma, a standard deviation, in run.json)
   run.json         provenance (model, data, seed, versions, git commit, devices), timings, orthogonality
-                   (measured loss; reorth=partial: estimate, re-orthogonalised and checked steps)
+                   (measured loss; reorth=partial: estimate, re-orthogonalised, checked, recalibrated steps)
 Re-running the same command resumes from the last checkpoint (same numbers as an uninterrupted run),
 or, when the run is finished, prints so and recomputes nothing. Re-plot with
 hess_utils.plotting.plot_spectrum_run(RUN_DIR, STEM).

@@ -15,7 +15,7 @@ A spectrum run folder (written by :func:`hess_utils.algorithms.slq.slq` given ``
     ``probes.csv``).
 ``probes.csv``
     One row per probe: ``probe, seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts, reorth_steps,
-    check_steps, max_omega`` (the last three: ``reorth="partial"``'s diagnostics).
+    check_steps, recalibration_steps, max_omega`` (the last four: ``reorth="partial"``'s diagnostics).
 ``density.csv``
     ``eigenvalue, density``: the Gaussian-smoothed spectral density with the default kernel width; the
     kernel's **standard deviation** ``sigma`` is in ``run.json`` under ``density``.
@@ -201,9 +201,9 @@ def tridiagonal_frame(result: SLQResult) -> pd.DataFrame:
 
 def probes_frame(result: SLQResult) -> pd.DataFrame:
     """One row per probe: ``probe, seed, iterations, breakdown, last_beta, orthogonality_loss, ghosts,
-    reorth_steps, check_steps, max_omega``: re-orthogonalised iterations (all with ``"full"``/``"offload"``,
-    none with ``"none"``), and for ``reorth="partial"`` the checked ones and Simon's estimate of the loss (0 and
-    NaN in the other modes)."""
+    reorth_steps, check_steps, recalibration_steps, max_omega``: re-orthogonalised iterations (all with
+    ``"full"``/``"offload"``, none with ``"none"``), and for ``reorth="partial"`` the checked and the recalibrated
+    ones and Simon's estimate of the loss (0 and NaN in the other modes)."""
     import pandas as pd
 
     return pd.DataFrame({
@@ -217,13 +217,15 @@ def probes_frame(result: SLQResult) -> pd.DataFrame:
         "reorth_steps": [int(r.num_iters) if r.reorth in ("full", "offload") else int(r.num_reorth_steps)
                          for r in result.runs],
         "check_steps": [len(r.check_steps or ()) for r in result.runs],
+        "recalibration_steps": [len(r.recalibration_steps or ()) for r in result.runs],
         "max_omega": [np.nan if r.max_omega is None else float(r.max_omega) for r in result.runs],
     })
 
 
 def orthogonality_record(result: SLQResult) -> dict[str, Any]:
     """What ``run.json`` says of the basis: the measured loss of orthogonality (largest over the probes) and,
-    for ``reorth="partial"``, the estimate, the re-orthogonalised and checked iterations and the rounding level."""
+    for ``reorth="partial"``, the estimate, the re-orthogonalised, checked and recalibrated iterations and the
+    rounding level."""
     measured = [float(r.orthogonality_loss) for r in result.runs]
     record: dict[str, Any] = {"reorth": result.reorth,
                               "measured_max": None if all(np.isnan(measured)) else float(np.nanmax(measured))}
@@ -232,6 +234,7 @@ def orthogonality_record(result: SLQResult) -> dict[str, Any]:
             estimated_max=max(float(r.max_omega or 0.0) for r in result.runs),
             reorth_steps=[int(r.num_reorth_steps) for r in result.runs],
             check_steps=[len(r.check_steps or ()) for r in result.runs],
+            recalibration_steps=[len(r.recalibration_steps or ()) for r in result.runs],
             iterations=[int(r.num_iters) for r in result.runs],
             rounding_level=max(float(r.omega_rounding or 0.0) for r in result.runs),
         )

@@ -294,6 +294,106 @@ def test_slq_passes_partial_through():
     np.testing.assert_allclose(partial.ritz_weights, full.ritz_weights, rtol=0, atol=1e-10)
 
 
+# ---------------------------------------------------------------------------------------------- recalibration
+def _slow_growth_operator(dtype: torch.dtype = torch.float32, n: int = 400_000) -> tuple[_Diagonal, np.ndarray]:
+    """Outliers near a wide bulk (50, 45, 40, 35 over a Gaussian of standard deviation 10), the shape of the GPT-2
+    benchmark's Hessian: Ritz values converge over tens of steps and a plain run loses orthogonality by a factor
+    of about 1.5-2 per step, so Simon's estimates, which start a hundred times above the truth, cross the
+    threshold many steps before the truth does."""
+    rng = np.random.default_rng(0)
+    eigs = np.concatenate([rng.normal(0.0, 10.0, n - 4), [50.0, 45.0, 40.0, 35.0]])
+    return _Diagonal(torch.tensor(eigs, dtype=dtype)), eigs
+
+
+def _partial_state(op: SymmetricOperator, steps: int, iters: int = ITERS):
+    state = lanczos_init(op, iters, reorth="partial", seed=0)
+    for _ in range(steps):
+        lanczos_step(op, state)
+    return state
+
+
+def test_recalibration_answers_early_crossings_and_keeps_the_estimates_above_the_truth(monkeypatch):
+    """Crossings whose measured loss is far below the threshold measure the previous vector too and continue
+    from the measured rows: the estimates still bound the true loss row by row (a float64 Gram of the float32
+    basis, exact), the basis stays semi-orthogonal with the Ritz values of full, and a third of the
+    re-orthogonalisations of the same run without recalibration are left."""
+    op, eigs = _slow_growth_operator()
+    eps = float(torch.finfo(torch.float32).eps)
+    state = _partial_state(op, ITERS)
+    res = lz.lanczos_finish(state)
+    assert len(res.recalibration_steps) >= 3
+    assert not set(res.recalibration_steps) & set(res.reorth_steps)
+    q = state.basis[0][: ITERS + 1].double()
+    gram = (q @ q.T).abs()
+    measured = np.array([float(gram[j, :j].max()) for j in range(1, ITERS + 1)])
+    assert np.all(np.array(state.omega.row_max) >= measured)
+    assert measured.max() <= math.sqrt(eps) and res.orthogonality_loss <= res.max_omega <= math.sqrt(eps)
+    full = lanczos(op, ITERS, reorth="full", seed=0, progress=False)
+    scale = np.abs(eigs).max()
+    np.testing.assert_allclose(res.ritz_values, full.ritz_values, rtol=0, atol=50 * eps * scale)
+    np.testing.assert_allclose(res.ritz_weights, full.ritz_weights, rtol=0, atol=1e-4)
+    assert copies_per_eigenvalue(res, eigs, rtol=1e-5).max() == 1
+
+    monkeypatch.setattr(lz.OmegaEstimates, "worth_recalibrating", lambda self, row, loss: False)
+    plain = lz.lanczos_finish(_partial_state(op, ITERS))
+    assert plain.recalibration_steps == ()
+    assert plain.num_reorth_steps >= 2 * res.num_reorth_steps
+    np.testing.assert_allclose(plain.ritz_values, full.ritz_values, rtol=0, atol=50 * eps * scale)
+
+
+def test_recalibrated_estimates_survive_a_checkpoint():
+    op, _ = _slow_growth_operator(n=100_000)
+    state = _partial_state(op, 40)
+    assert state.omega.recalibration_steps, "the case must have recalibrated before the checkpoint"
+    restored = lz.OmegaEstimates.from_dict(copy.deepcopy(state.omega.to_dict()))
+    assert restored.to_dict() == state.omega.to_dict()
+    reference = lanczos_resume(op, copy.deepcopy(state), progress=False)
+    state.omega = restored
+    resumed = lanczos_resume(op, state, progress=False)
+    np.testing.assert_array_equal(resumed.alphas, reference.alphas)
+    assert resumed.recalibration_steps == reference.recalibration_steps
+    assert resumed.reorth_steps == reference.reorth_steps and resumed.max_omega == reference.max_omega
+
+
+def test_recalibration_rule_reset_level_and_measured_rows_in_closed_form():
+    eps = float(torch.finfo(torch.float32).eps)
+    est = lz.OmegaEstimates.start(eps)
+    threshold = math.sqrt(eps)
+    est.accept(np.array([1e-4, 1.0]), False)  # row of q_2: largest estimate 1e-4
+    row = np.array([1.5e-4, -2e-5, 1.0])  # grew by 1.5 (counted as 2): headroom must exceed 2**4 = 16
+    assert est.worth_recalibrating(row, np.array([0.9, 0.5]) * threshold / 16)
+    assert not est.worth_recalibrating(row, np.array([1.1, 0.5]) * threshold / 16)
+    fast = np.array([1e-2, 1e-3, 1.0])  # grew by 100: needs a headroom of 100**4 = 1e8
+    assert not est.worth_recalibrating(fast, np.array([1e-8, 1e-8]))
+    assert est.worth_recalibrating(fast, np.array([1e-12, 1e-12]))
+    est.pending = True  # the second vector of a pair is re-orthogonalised whatever it measures
+    assert not est.worth_recalibrating(row, np.array([1e-12, 1e-12]))
+    est.pending = False
+    assert not lz.OmegaEstimates.start(eps).worth_recalibrating(np.array([1e-3, 1.0]), np.array([0.0]))
+
+    new = est.recalibrate(np.array([-3e-6]), np.array([2e-6, -1e-6]))
+    margin = lz.MEASUREMENT_ULPS * eps
+    np.testing.assert_allclose(est.current, [-3e-6 - margin, 1.0], rtol=1e-12)
+    np.testing.assert_allclose(new, [2e-6 + margin, -1e-6 - margin, 1.0], rtol=1e-12)
+    assert est.row_max[-1] == pytest.approx(3e-6 + margin) and est.recalibration_steps == [2]
+    with pytest.raises(ValueError, match="previous row"):
+        est.recalibrate(np.zeros(3), np.zeros(2))
+    est.accept(new, False, measured=True)
+    # One pass against a basis whose vectors keep up to L = 3e-6 + margin of loss leaves L ||c||_1.
+    assert est.reset_level(0.25) == pytest.approx(est.rounding + (3e-6 + margin) * 0.25)
+
+
+def test_a_reorthogonalisation_can_subtract_a_leading_block_of_rows():
+    """``rows``: the first pass removes the components along the first ``rows`` basis vectors only."""
+    basis = torch.linalg.qr(torch.randn(50, 4, dtype=torch.float64))[0].T.contiguous()
+    rest = torch.randn(50, dtype=torch.float64)
+    rest -= basis.T @ (basis @ rest)
+    w = [rest + 3.0 * basis[0] - 2.0 * basis[1] + 1e-3 * basis[3]]
+    coeffs = basis @ w[0]
+    lz._reorthogonalise_(w, [basis], 4, coeffs=coeffs, rows=2)
+    np.testing.assert_allclose((basis @ w[0]).numpy(), [0.0, 0.0, 0.0, 1e-3], atol=1e-13)
+
+
 class Interrupting(SymmetricOperator):
     """Wraps an operator; raises KeyboardInterrupt at product number ``stop_at``."""
 
@@ -330,6 +430,7 @@ def test_checkpointed_partial_run_resumes_bit_for_bit(tmp_path):
         assert np.array_equal(a.alphas, b.alphas) and np.array_equal(a.betas, b.betas)
         assert a.reorth_steps == b.reorth_steps and a.check_steps == b.check_steps
         assert a.max_omega == b.max_omega and a.omega_rounding == b.omega_rounding
+        assert a.recalibration_steps == b.recalibration_steps
     # Probe 0 finished before the interruption: its diagnostics come back from the checkpoint.
     assert resumed.runs[0].num_reorth_steps == ref.runs[0].num_reorth_steps > 0
 

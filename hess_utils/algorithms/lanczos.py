@@ -77,6 +77,12 @@ CHECK_EVERY = 10
 EARLY_CHECKS = (1, 2, 4, 8)
 # reorth="partial": the starting rounding level of its estimates, in units of eps (omega_rounding).
 ROUNDINGS_PER_STEP = 8
+# reorth="partial": a crossing whose measured loss leaves at least this many steps of growth (at the rate the
+# estimates grow) below the threshold recalibrates the estimates instead of re-orthogonalising
+# (OmegaEstimates.worth_recalibrating).
+RECALIBRATION_STEPS = 4
+# ... and the measured rows it keeps are raised by this many eps, what a measurement may be off by.
+MEASUREMENT_ULPS = 4
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -133,6 +139,11 @@ class LanczosResult:
     check_steps : tuple of int or None
         ``reorth="partial"`` only: the iterations whose new vector was measured against the whole basis
         without needing a re-orthogonalisation (:attr:`OmegaEstimates.check_every`); None in the other modes.
+    recalibration_steps : tuple of int or None
+        ``reorth="partial"`` only: the iterations where the estimates crossed the threshold but the measured
+        loss was far below it, so that the estimates were reset to the measured rows of the new and the
+        previous vector instead of re-orthogonalising (:meth:`OmegaEstimates.recalibrate`); None in the other
+        modes.
     omega_rounding : float or None
         ``reorth="partial"`` only: the rounding level :math:`\\varepsilon_1` of the estimates at the end: 8 eps
         (:func:`omega_rounding`) or the operator's ``product_rtol`` if larger, unless a measurement exceeded its
@@ -159,6 +170,7 @@ class LanczosResult:
     max_omega: float | None = None
     check_steps: tuple[int, ...] | None = None
     omega_rounding: float | None = None
+    recalibration_steps: tuple[int, ...] | None = None
 
     __repr__ = short_repr
 
@@ -257,8 +269,22 @@ class OmegaEstimates:
     When :math:`\\max_k |\\omega_{j+1,k}| > \\sqrt{\\varepsilon}` the new vector is re-orthogonalised against the
     whole basis, and so is the next one (the three-term recurrence would otherwise pass the loss of
     :math:`q_j`, not re-orthogonalised, straight on to :math:`q_{j+2}` through
-    :math:`\\beta_{j-1}\\omega_{j-1,k}`); the row of each re-orthogonalised vector is reset to
-    :math:`\\varepsilon_1`. Only the two latest rows are kept.
+    :math:`\\beta_{j-1}\\omega_{j-1,k}`). The row of each re-orthogonalised vector is reset to what one
+    classical Gram-Schmidt pass against a basis that is itself only semi-orthogonal leaves: with
+    :math:`Q^\\top Q = I + E`, removing :math:`c = Q^\\top w` leaves :math:`Q^\\top w' = -E c`, so the reset level
+    is :math:`\\varepsilon_1 + L \\lVert c \\rVert_1 / \\lVert w' \\rVert` with :math:`L` the largest estimate
+    kept for a basis vector (:meth:`reset_level`). Only the two latest rows are kept.
+
+    Recalibration. The estimates bound the roundings with their worst sign and size at every step, so they
+    run ahead of the truth by a factor set in the first steps (about a hundred on a float32 LM Hessian) and
+    keep that factor while both grow along a converged Ritz vector. When they cross, the new vector's row is
+    measured anyway; where the measured loss is so far below the threshold that it would take
+    :data:`RECALIBRATION_STEPS` steps of the current growth to reach it (:meth:`worth_recalibrating`), the
+    previous vector's row is measured too and the two rows are replaced by the measured values, signs
+    included (:meth:`recalibrate`): the recurrence then continues from the truth plus the new roundings'
+    bounds, and the vector is kept. That costs two reads of the basis instead of the four of a
+    re-orthogonalised pair, and postpones the next pair by about as many steps as the factor allows. Fast
+    growth (well separated outliers) never qualifies, so such spectra are handled as before.
 
     How many steps are saved depends on the spectrum. Along a converged Ritz vector of eigenvalue
     :math:`\\lambda` the loss grows by about :math:`|\\lambda - \\alpha_j| / \\beta_j` per step, so with outliers
@@ -297,6 +323,8 @@ class OmegaEstimates:
         Steps since the last measured one (a re-orthogonalisation measures its vector too).
     check_steps : list of int
         The iterations whose new vector was measured without needing a re-orthogonalisation.
+    recalibration_steps : list of int
+        The iterations whose crossing was answered by :meth:`recalibrate` instead of a re-orthogonalisation.
     """
 
     rounding: float
@@ -310,6 +338,7 @@ class OmegaEstimates:
     check_every: int = CHECK_EVERY
     since_check: int = 0
     check_steps: list[int] = field(default_factory=list)
+    recalibration_steps: list[int] = field(default_factory=list)
 
     @classmethod
     def start(cls, unit_roundoff: float, *, product_rtol: float | None = None) -> OmegaEstimates:
@@ -325,7 +354,7 @@ class OmegaEstimates:
                 "previous": None if self.previous is None else [float(x) for x in self.previous],
                 "pending": self.pending, "reorth_steps": list(self.reorth_steps), "row_max": list(self.row_max),
                 "check_every": self.check_every, "since_check": self.since_check,
-                "check_steps": list(self.check_steps)}
+                "check_steps": list(self.check_steps), "recalibration_steps": list(self.recalibration_steps)}
 
     @classmethod
     def from_dict(cls, d: dict) -> OmegaEstimates:
@@ -363,6 +392,47 @@ class OmegaEstimates:
         row[:-1] = np.copysign(np.maximum(est, loss), row[:-1])
         return row
 
+    def worth_recalibrating(self, row: np.ndarray, loss: np.ndarray) -> bool:
+        """True when a crossing ``row`` (estimates) whose measured ``loss`` (shape ``(j,)``) is this far below
+        the threshold should recalibrate rather than re-orthogonalise: the headroom ``threshold / max(loss)``
+        must exceed ``g ** RECALIBRATION_STEPS``, ``g`` the factor by which the largest estimate grew in this
+        step (at least 2). Not for the second vector of a pair, nor at the first iteration (no previous row).
+        """
+        if self.pending or self.iteration < 1 or not self.row_max:
+            return False
+        biggest = float(np.max(loss)) if loss.size else 0.0
+        if not math.isfinite(biggest):
+            return False
+        growth = max(2.0, float(np.max(np.abs(row[:-1]))) / max(self.row_max[-1], 1e-300))
+        return self.threshold > biggest * growth**RECALIBRATION_STEPS
+
+    def recalibrate(self, previous_loss: np.ndarray, loss: np.ndarray) -> np.ndarray:
+        """Replace the previous vector's row by its measured values :math:`q_k^\\top q_j` (``previous_loss``,
+        signed, shape ``(j-1,)``) and return the new vector's row made of ``loss`` :math:`q_k^\\top w / \\lVert w
+        \\rVert` (signed, shape ``(j,)``), to pass to :meth:`accept`. A measurement is exact up to its own
+        rounding (a few eps, :func:`_chunked_rows_dot`), so each magnitude grows by :data:`MEASUREMENT_ULPS`
+        eps and keeps its sign: the recurrence continues from the truth."""
+
+        def bounded(x) -> np.ndarray:
+            x = np.asarray(x, dtype=np.float64)
+            return np.copysign(np.abs(x) + MEASUREMENT_ULPS * self.threshold**2, x)
+
+        current = np.append(bounded(previous_loss), 1.0)
+        if current.shape != self.current.shape:
+            raise ValueError(f"a previous row of {current.size - 1} entries for iteration {self.iteration}")
+        self.current = current
+        if self.row_max:
+            self.row_max[-1] = float(np.max(np.abs(current[:-1]), initial=0.0))
+        self.recalibration_steps.append(self.iteration + 1)
+        return np.append(bounded(loss), 1.0)
+
+    def reset_level(self, coeffs_l1: float) -> float:
+        """The loss a vector keeps after one Gram-Schmidt pass that removed coefficients of 1-norm
+        ``coeffs_l1`` (relative to the vector's norm after the pass): :math:`\\varepsilon_1 + L \\lVert c
+        \\rVert_1`, :math:`L` the largest estimate kept for a basis vector (see the class docstring)."""
+        basis_loss = max(self.row_max, default=0.0)
+        return self.rounding + basis_loss * coeffs_l1
+
     def next_row(self, alphas: Sequence[float], betas: Sequence[float], beta: float) -> np.ndarray:
         """:math:`\\omega_{j+1, 1..j+1}` for :math:`\\alpha_{1..j}` = ``alphas``, :math:`\\beta_{1..j-1}` =
         ``betas[:j - 1]`` and :math:`\\beta_j` = ``beta`` (nothing is updated)."""
@@ -390,13 +460,15 @@ class OmegaEstimates:
         """True when some :math:`|\\omega_{j+1,k}|`, :math:`k \\le j`, of ``row`` passes the threshold (or is NaN)."""
         return not bool(np.max(np.abs(row[:-1])) <= self.threshold)
 
-    def accept(self, row: np.ndarray, reorthogonalised: bool, measured: bool = False) -> None:
-        """Make ``row`` the current one; reset it to :math:`\\varepsilon_1` if its vector was re-orthogonalised.
+    def accept(self, row: np.ndarray, reorthogonalised: bool, measured: bool = False,
+               reset: float | None = None) -> None:
+        """Make ``row`` the current one; reset it to ``reset`` (default :math:`\\varepsilon_1`; see
+        :meth:`reset_level`) if its vector was re-orthogonalised.
 
         ``measured``: the vector was measured against the basis (always true when re-orthogonalised).
         """
         if reorthogonalised:
-            row[:-1] = self.rounding
+            row[:-1] = self.rounding if reset is None else max(reset, self.rounding)
             self.reorth_steps.append(self.iteration + 1)
             # A threshold crossing asks for this vector and the next; the second of a pair asks for nothing.
             self.pending = not self.pending
@@ -688,7 +760,8 @@ def _subtract_projection_(w: TensorList, basis: list[torch.Tensor], coeffs: torc
         wb.sub_(correction.reshape(wb.shape).to(wb.device))
 
 
-def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int, coeffs: torch.Tensor | None = None) -> float:
+def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int, coeffs: torch.Tensor | None = None,
+                      rows: int | None = None) -> float:
     """Remove from ``w`` its components along ``q_1..q_k``; return ``||w||`` afterwards.
 
     Classical Gram-Schmidt with the Daniel-Gragg-Kaufman-Stewart criterion: a second pass runs only
@@ -697,13 +770,16 @@ def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int, coeffs: 
     al. 2005). Inside Lanczos, after the three-term recurrence, that is rare, so the basis is read twice
     per step instead of four times. Each pass is two matrix products per block, no loop over basis
     vectors; ``||w||^2 = ||w'||^2 + ||c||^2`` gives the test without an extra reduction. ``coeffs``: the
-    first pass's ``Q[:k] w`` when the caller has measured them already.
+    first pass's ``Q[:k] w`` when the caller has measured them already; ``rows``: subtract only along the
+    first ``rows`` of them in the first pass (the caller knows the others to be at rounding level).
     """
     if coeffs is None:
         coeffs = _basis_coefficients(basis, w, k)
-    _subtract_projection_(w, basis, coeffs, k)
+    lead = k if rows is None else rows
+    if lead > 0:
+        _subtract_projection_(w, basis, coeffs[:lead], lead)
     size = _fast_norm(w)
-    removed = float(coeffs @ coeffs)
+    removed = float(coeffs[:lead] @ coeffs[:lead])
     if not (size * size >= removed):  # also when non-finite: let the caller's check report it
         coeffs = _basis_coefficients(basis, w, k)
         _subtract_projection_(w, basis, coeffs, k)
@@ -763,7 +839,9 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
     coefficients :math:`Q_j^\\top w` are computed, for a re-orthogonalisation or because a check is due
     (:meth:`OmegaEstimates.check_due`), is also a measurement: it calibrates the rounding level
     (:meth:`OmegaEstimates.measured`), and a checked vector found above the threshold is re-orthogonalised
-    with the coefficients already computed.
+    with the coefficients already computed. Where a crossing's measured loss is far below the threshold, the
+    previous vector :math:`q_j` is measured too, the estimates are recalibrated from the two rows and nothing
+    is re-orthogonalised (:meth:`OmegaEstimates.recalibrate`).
 
     All previous vectors rather than only those whose estimate exceeds :math:`\\varepsilon^{3/4}`: the basis
     pass is a matrix product over contiguous rows, bound by memory bandwidth, and a subset of rows would need
@@ -774,20 +852,41 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
     j = state.iteration + 1
     size = _fast_norm(w)
     row = est.next_row([*state.alphas, alpha], state.betas, size)
-    reorthogonalise = _agreed(state, est.pending or est.exceeds(row))
-    measure = reorthogonalise or est.check_due()
+    crossing = _agreed(state, est.pending or est.exceeds(row))
+    reorthogonalise = crossing
+    measure = crossing or est.check_due()
     coeffs = None
     if measure:
         coeffs = _basis_coefficients(state.basis, w, j)
-        loss = np.abs(coeffs.to("cpu").numpy()) / size if size > 0 else np.zeros(j)
+        signed = coeffs.to("cpu").numpy() / size if size > 0 else np.zeros(j)
+        loss = np.abs(signed)
+        if crossing and not _agreed(state, not est.worth_recalibrating(row, loss)):
+            # A second read of the basis (one matrix product for both vectors packs the basis, and two
+            # products per chunk find nothing in cache: either is slower than two reads).
+            previous = _basis_coefficients(state.basis, state.q, j - 1).to("cpu").numpy()
+            row = est.recalibrate(previous, signed)
+            est.accept(row, False, measured=True)
+            return size
         row = est.measured(row, loss)
-        if not reorthogonalise:
+        if not crossing:
             reorthogonalise = _agreed(state, est.exceeds(row))
             if not reorthogonalise:
                 est.check_steps.append(j)
+    reset = None
     if reorthogonalise:
-        size = _reorthogonalise_(w, state.basis, j, coeffs=coeffs)
-    est.accept(row, reorthogonalise, measured=measure)
+        # The first pass subtracts only up to the last coefficient above eps: later rows' coefficients are
+        # below what a pass would leave (the loss lies along converged Ritz vectors, spanned by the rows from
+        # before they converged). A contiguous prefix keeps the pass one matrix product.
+        c = np.abs(coeffs.to("cpu").numpy()) if coeffs is not None else None
+        rows = None
+        if c is not None:
+            after = math.sqrt(max(size * size - float(c @ c), 0.0))
+            above = np.flatnonzero(c > state.unit_roundoff * after)
+            rows = int(above[-1]) + 1 if above.size else 0
+        size = _reorthogonalise_(w, state.basis, j, coeffs=coeffs, rows=rows)
+        if c is not None and size > 0:
+            reset = est.reset_level(float(c[:rows].sum()) / size) + float(np.max(c[rows:], initial=0.0)) / size
+    est.accept(row, reorthogonalise, measured=measure, reset=reset)
     return size
 
 
@@ -957,7 +1056,8 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
         # Rows of q_2..q_k, the vectors orthogonality_loss measures (q_{k+1} is not part of the result).
         partial = dict(num_reorth_steps=len(steps), reorth_steps=steps,
                        max_omega=max(est.row_max[: k - 1], default=0.0),
-                       check_steps=tuple(j for j in est.check_steps if j <= k), omega_rounding=est.rounding)
+                       check_steps=tuple(j for j in est.check_steps if j <= k), omega_rounding=est.rounding,
+                       recalibration_steps=tuple(j for j in est.recalibration_steps if j <= k))
     loss = _orthogonality_loss(state.basis, k)
     if state.reorth == "partial" and loss > math.sqrt(state.unit_roundoff):
         warnings.warn(
