@@ -369,9 +369,11 @@ def test_run_folder_files_reload_and_replot(tmp_path):
     assert ortho["measured_max"] <= ortho["estimated_max"] <= 1.5e-8  # sqrt(eps), float64
     assert ortho["reorth_steps"] == [r.num_reorth_steps for r in result.runs]
     assert ortho["check_steps"] == [len(r.check_steps) for r in result.runs]
+    assert ortho["recalibration_steps"] == [len(r.recalibration_steps) for r in result.runs]
     probes = runs.load_table(tmp_path, "probes.csv")
     assert probes["reorth_steps"].tolist() == ortho["reorth_steps"]
     assert probes["max_omega"].tolist() == [r.max_omega for r in result.runs]
+    assert probes["recalibration_steps"].tolist() == ortho["recalibration_steps"]
     density = runs.load_table(tmp_path, "density.csv")
     assert list(density.columns) == ["eigenvalue", "density"]
     tri = runs.load_tridiagonals(tmp_path)
