@@ -25,7 +25,8 @@ with the basis in CPU memory; ``reorth="none"`` keeps O(1) vectors and leaves gh
 :func:`~hess_utils.algorithms.ghosts.cullum_willoughby_mask`. ``reorth="partial"`` (SLQ's default) keeps the
 basis like ``"full"`` but re-orthogonalises only when Simon's recurrence (:class:`OmegaEstimates`) estimates
 that some :math:`|q_{j+1}^\\top q_k|` exceeds :math:`\\sqrt{\\varepsilon}`, and measures a vector against the
-basis at least every :data:`CHECK_EVERY` steps to keep the estimates honest: a semi-orthogonal basis, which
+basis at least every :data:`CHECK_EVERY` steps to keep the estimates honest (and recalibrates them from measured
+rows where they run far ahead of the truth): a semi-orthogonal basis, which
 gives the same :math:`T_k` as a fully orthogonal one to working precision, for a fraction of the basis passes.
 
 The run is a resumable state machine (:func:`lanczos_init`, :func:`lanczos_step`,
@@ -1112,7 +1113,9 @@ def lanczos(
         ``"partial"``: the basis of ``"full"`` (same memory), re-orthogonalised only in pairs of steps when
         Simon's estimates (:class:`OmegaEstimates`) pass :math:`\\sqrt{\\varepsilon}`, with a measurement
         of the new vector against the basis at least every :data:`CHECK_EVERY` steps (one read of the basis)
-        that recalibrates them: the basis stays semi-orthogonal, which makes :math:`T_k` (Ritz values and
+        that raises them where they were too low, and a crossing far above the measured loss answered by
+        measuring the previous vector too and continuing from the two measured rows (two reads instead of
+        the four of a pair): the basis stays semi-orthogonal, which makes :math:`T_k` (Ritz values and
         weights) that of ``"full"`` to working precision and leaves no ghosts, while the other steps skip the
         basis passes (how many depends on the spectrum and the operator: see :class:`OmegaEstimates` and
         :func:`omega_rounding`). Should the measured loss at the end exceed :math:`\\sqrt{\\varepsilon}` anyway,
