@@ -580,3 +580,24 @@ def test_a_reorthogonalisation_any_rank_decides_happens_on_every_rank(monkeypatc
     assert res.reorth_steps == tuple(range(1, 13))
     alone = lanczos(op.inner, 12, reorth="partial", seed=2, progress=False)
     assert alone.num_reorth_steps < 12
+
+
+def test_recalibration_is_agreed_between_ranks(monkeypatch):
+    """A recalibration happens only when every rank finds it worth it. A second rank (simulated) that agrees with
+    this one leaves the run as it is alone, recalibrations included; one that wants to re-orthogonalise at every
+    decision leaves none."""
+    import torch.distributed as dist
+
+    op, _ = _slow_growth_operator(n=100_000)
+    alone = lz.lanczos_finish(_partial_state(op, ITERS))
+    assert alone.recalibration_steps
+
+    monkeypatch.setattr(dist, "all_reduce", lambda flag, op=None, group=None: None)  # the other rank agrees
+    agreed = lz.lanczos_finish(_partial_state(_TwoRanks(op), ITERS))
+    assert agreed.recalibration_steps == alone.recalibration_steps
+    assert agreed.reorth_steps == alone.reorth_steps
+    np.testing.assert_array_equal(agreed.alphas, alone.alphas)
+
+    monkeypatch.setattr(dist, "all_reduce", lambda flag, op=None, group=None: flag.fill_(1))  # it always wants more
+    vetoed = lz.lanczos_finish(_partial_state(_TwoRanks(op), ITERS))
+    assert vetoed.recalibration_steps == () and vetoed.num_reorth_steps == ITERS
