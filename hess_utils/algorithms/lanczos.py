@@ -856,10 +856,11 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
     crossing = _agreed(state, est.pending or est.exceeds(row))
     reorthogonalise = crossing
     measure = crossing or est.check_due()
-    coeffs = None
+    coeffs = host = None
     if measure:
         coeffs = _basis_coefficients(state.basis, w, j)
-        signed = coeffs.to("cpu").numpy() / size if size > 0 else np.zeros(j)
+        host = coeffs.to("cpu").numpy()
+        signed = host / size if size > 0 else np.zeros(j)
         loss = np.abs(signed)
         if crossing and not _agreed(state, not est.worth_recalibrating(row, loss)):
             # A second read of the basis (one matrix product for both vectors packs the basis, and two
@@ -878,14 +879,13 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
         # The first pass subtracts only up to the last coefficient above eps: later rows' coefficients are
         # below what a pass would leave (the loss lies along converged Ritz vectors, spanned by the rows from
         # before they converged). A contiguous prefix keeps the pass one matrix product.
-        c = np.abs(coeffs.to("cpu").numpy()) if coeffs is not None else None
-        rows = None
-        if c is not None:
-            after = math.sqrt(max(size * size - float(c @ c), 0.0))
-            above = np.flatnonzero(c > state.unit_roundoff * after)
-            rows = int(above[-1]) + 1 if above.size else 0
+        # (A re-orthogonalised vector is always measured first: coeffs and host are set.)
+        c = np.abs(host)
+        after = math.sqrt(max(size * size - float(c @ c), 0.0))
+        above = np.flatnonzero(c > state.unit_roundoff * after)
+        rows = int(above[-1]) + 1 if above.size else 0
         size = _reorthogonalise_(w, state.basis, j, coeffs=coeffs, rows=rows)
-        if c is not None and size > 0:
+        if size > 0:
             reset = est.reset_level(float(c[:rows].sum()) / size) + float(np.max(c[rows:], initial=0.0)) / size
     est.accept(row, reorthogonalise, measured=measure, reset=reset)
     return size
