@@ -40,3 +40,22 @@ def test_reorth_modes_benchmark_smoke(tmp_path, capsys):
     steps, iters = rows["partial"]["reorth_steps"].split("/")
     assert 0 < int(steps) < int(iters) == 20
     assert "re-orthogonalised at" in capsys.readouterr().out
+
+
+def test_step_floor_benchmark(capsys):
+    """The floor bench runs on a small diagonal operator, and its oracle is priced from the measured parts:
+    iteration j reads j rows twice, once a probe, spread over the steps (closed form on made-up parts)."""
+    from benchmarks import step_floor
+
+    step_floor.main(["--operator", "diag", "--dim", "20000", "--iters", "12", "--pairs", "5,6", "--repeats", "2",
+                     "--pyhessian-s", "1"])
+    out = capsys.readouterr().out
+    assert "oracle step share" in out and "at most" in out
+    parts = {"product_ms": 100.0, "recurrence_ms": 4.0, "coefficients_ms_per_row": 1.0,
+             "subtraction_ms_per_row": 0.5, "first_touch_ms_per_row": 2.0, "diagnostic_ms": 30.0}
+    floor = step_floor.oracle_floor(parts, iters=10, probes=2, pairs=[4, 5, 99])  # 99 > iters: not reached
+    reads = (4 + 5) * 1.5
+    assert floor["reads_ms_per_probe"] == reads
+    assert floor["step_ms"] == 4.0 + reads / 10
+    assert floor["step_share_first_probe"] == (4.0 + reads / 10 + 2.0) / 100.0
+    assert abs(floor["slq_s"] - (2 * (10 * (100.0 + 4.0 + reads / 10) + 30.0) + 11 * 2.0) / 1e3) < 1e-12
