@@ -608,7 +608,7 @@ def _triple_eigenvalues() -> tuple[SymmetricOperator, int, int]:
     """Dense float64, n = 300: 100 eigenvalues from -1 to 5, each three times; 299 steps nearly exhaust the space
     (operator, steps, probe seed)."""
     eigs = np.repeat(np.linspace(-1.0, 5.0, 100), 3)
-    return as_operator(symmetric_with_eigenvalues(eigs, seed=300)), 299, 0
+    return as_operator(symmetric_with_eigenvalues(eigs, seed=300)), 299, 4
 
 
 def _double_outliers() -> tuple[SymmetricOperator, int, int]:
@@ -636,7 +636,7 @@ def test_recalibrated_estimates_bound_the_truth_entry_by_entry(monkeypatch, case
         if self.bounded_mode:
             bounds[self.iteration] = (self.center.copy(), self.radius.copy())
 
-    def run():
+    def run(seed=seed):
         state = _partial_state(op, iters, iters, seed)
         q = state.basis[0][: iters + 1]
         gram = (q @ q.T).numpy()
@@ -651,12 +651,15 @@ def test_recalibrated_estimates_bound_the_truth_entry_by_entry(monkeypatch, case
     assert np.all(np.array(est.row_max) >= true)
     assert true.max() <= math.sqrt(eps)
 
-    if case is _triple_eigenvalues:  # (on the other case Simon's continuation happens to stay above)
+    if case is _triple_eigenvalues:  # (on the other case Simon's continuation mostly stays above)
         monkeypatch.setattr(lz.OmegaEstimates, "accept", accept)
         monkeypatch.setattr(lz.OmegaEstimates, "bounded_mode", property(lambda self: False))
-        simon, _, true = run()
-        assert simon.recalibration_steps
-        assert np.any(np.array(simon.row_max) < true)
+        below = []
+        for probe in (4, 5):  # both fall below with one or two BLAS threads (rounding differs between them)
+            simon, _, true = run(probe)
+            assert simon.recalibration_steps
+            below.append(int(np.sum(np.array(simon.row_max) < true)))
+        assert max(below) > 0
 
 
 def test_a_recalibration_checks_the_measured_rows_against_their_estimates():
@@ -728,3 +731,17 @@ def test_a_check_above_its_estimates_is_answered_like_a_crossing(monkeypatch):
     lanczos_step(op, state)
     lanczos_step(op, state)
     assert est.reorth_steps == [17, 18] and 17 not in est.check_steps
+
+
+def test_an_exact_breakdown_in_the_bounded_mode_is_never_recalibrated():
+    """After a reset the centres are exactly 0, so ``beta_j = 0`` makes them 0/0 = NaN: a crossing (NaN counts as
+    one) that must be re-orthogonalised, as in Simon's mode (inf), never answered by a recalibration."""
+    est = lz.OmegaEstimates.start(float(torch.finfo(torch.float64).eps))
+    alphas, betas = [0.0] * 6, [1.0] * 5
+    for j in range(1, 5):
+        est.accept(est.next_row(alphas, betas, betas[j - 1]), j in (2, 3))  # a re-orthogonalised pair at 2, 3
+    assert est.bounded_mode and not est.pending
+    row = est.next_row(alphas, betas, 0.0)
+    assert np.isnan(row[:-1]).any() and est.exceeds(row)
+    for loss in (0.0, 1e-300):
+        assert not est.worth_recalibrating(row, np.full(row.size - 1, loss))

@@ -289,8 +289,11 @@ class OmegaEstimates:
 
     Bounds. From the first recalibration or re-orthogonalisation on, each row is kept as a centre and a
     radius (:attr:`center`, :attr:`radius`), which bound the truth, :math:`|\\omega_{ik} - c_{ik}| \\le r_{ik}`,
-    as long as the roundings obey the bound above: the centre follows the recurrence without its rounding
-    term (exact arithmetic), and the radius the same recurrence in absolute values, plus
+    as long as the roundings obey the bound above (it also has to cover what a re-orthogonalisation of
+    :math:`q_{k+1}` adds to the recurrence, :math:`q_j^\\top Q_k c`, at most
+    :math:`\\lVert c \\rVert_1 \\max_i |\\omega_{ji}|`, of order :math:`\\varepsilon \\beta_k`): the centre
+    follows the recurrence without its rounding term (exact arithmetic), and the radius the same recurrence in
+    absolute values, plus
     :math:`\\varepsilon_1 (\\nu_k + \\nu_j)` a step. A measured row starts with the measurement as centre and
     the measurement's own error as radius; a re-orthogonalised row with centre 0 and the reset level as
     radius. The estimate is :math:`|c| + r`. Simon's signed recurrence is not a bound: its rounding term keeps
@@ -430,8 +433,8 @@ class OmegaEstimates:
         what is known. Where the largest measurement exceeds the largest estimate, the rounding model was too
         optimistic for this operator: :attr:`rounding` is raised by twice that ratio, so the later estimates
         grow faster. (Entries far below the row's maximum, at the rounding floor, do not recalibrate: their
-        ratios are noise.) In the bounded mode after a recalibration (:attr:`bounded_mode`) the row restarts
-        from the measurement, as centre and radius (class docstring).
+        ratios are noise.) In the bounded mode (:attr:`bounded_mode`, from the first recalibration or reset on) the
+        row restarts from the measurement, as centre and radius (class docstring).
         """
         est = np.abs(row[:-1])
         finite = bool(np.all(np.isfinite(loss)))
@@ -461,6 +464,10 @@ class OmegaEstimates:
         step (at least 2). Not for the second vector of a pair, nor at the first iteration (no previous row).
         """
         if self.pending or self.iteration < 1 or not self.row_max:
+            return False
+        # An exact breakdown (beta_j = 0) makes the row inf or NaN (0/0 in a centre): re-orthogonalise. (NaN
+        # would slip through max(2.0, nan), which is 2.0.)
+        if not np.all(np.isfinite(row[:-1])):
             return False
         biggest = float(np.max(loss)) if loss.size else 0.0
         growth = max(2.0, float(np.max(np.abs(row[:-1]))) / max(self.row_max[-1], 1e-300))
@@ -500,7 +507,9 @@ class OmegaEstimates:
 
     def next_row(self, alphas: Sequence[float], betas: Sequence[float], beta: float) -> np.ndarray:
         """:math:`\\omega_{j+1, 1..j+1}` for :math:`\\alpha_{1..j}` = ``alphas``, :math:`\\beta_{1..j-1}` =
-        ``betas[:j - 1]`` and :math:`\\beta_j` = ``beta`` (nothing is updated)."""
+        ``betas[:j - 1]`` and :math:`\\beta_j` = ``beta``. Nothing is updated but :attr:`proposed`, the row's
+        centre and radius in the bounded mode, which :meth:`accept` keeps (it does not read them back from the row
+        it is given)."""
         j = self.current.size
         a = np.asarray(alphas[:j], dtype=np.float64)
         b = np.asarray(betas[: j - 1], dtype=np.float64)
