@@ -410,11 +410,26 @@ class OmegaEstimates:
         """The row of estimates ``sign(c) (|c| + r)`` (the sign of a zero centre is +)."""
         return np.copysign(np.abs(center) + radius, center)
 
+    @property
+    def measurement_error(self) -> float:
+        """What a measured entry :math:`|q_k^\\top w| / \\lVert w \\rVert` may be off by: :data:`MEASUREMENT_ULPS`
+        eps."""
+        return MEASUREMENT_ULPS * self.threshold**2
+
     def _measured_row(self, signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Centre and radius of a measured row ``signed`` (shape ``(j,)``, without its diagonal 1): the
-        measurement, and :data:`MEASUREMENT_ULPS` eps, what it may be off by."""
+        measurement, and :attr:`measurement_error`."""
         center = np.append(np.asarray(signed, dtype=np.float64), 1.0)
-        radius = np.full(center.shape, MEASUREMENT_ULPS * self.threshold**2)
+        radius = np.full(center.shape, self.measurement_error)
+        radius[-1] = 0.0
+        return center, radius
+
+    @staticmethod
+    def _uncentred_row(bound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Centre 0 and radius ``|bound|`` for a row known only by its bound (diagonal entry 1, radius 0)."""
+        center = np.zeros_like(bound)
+        center[-1] = 1.0
+        radius = np.abs(bound)
         radius[-1] = 0.0
         return center, radius
 
@@ -559,20 +574,13 @@ class OmegaEstimates:
             self.reorth_steps.append(self.iteration + 1)
             # A threshold crossing asks for this vector and the next; the second of a pair asks for nothing.
             self.pending = not self.pending
-        if reorthogonalised:
             # A reset row is a bound with no centre (each entry anywhere within the reset level): from here on
             # the rows are centre and radius. The previous row enters with its estimates as radius.
             if self.bounded_mode:
                 self.previous_center, self.previous_radius = self.center, self.radius
             else:
-                self.previous_center = np.zeros_like(self.current)
-                self.previous_center[-1] = 1.0
-                self.previous_radius = np.abs(self.current)
-                self.previous_radius[-1] = 0.0
-            self.center = np.zeros_like(row)
-            self.center[-1] = 1.0
-            self.radius = np.abs(row)
-            self.radius[-1] = 0.0
+                self.previous_center, self.previous_radius = self._uncentred_row(self.current)
+            self.center, self.radius = self._uncentred_row(row)
         elif self.proposed is None:
             # A row not proposed here (Simon's recurrence, before the first reset or recalibration).
             self.center = self.radius = self.previous_center = self.previous_radius = None
@@ -970,7 +978,6 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
         signed = host / size if size > 0 else np.zeros(j)
         loss = np.abs(signed)
         if crossing and not _agreed(state, not est.worth_recalibrating(row, loss)):
-            est._raise_rounding(np.abs(row[:-1]), loss)  # a measurement checks its estimates, as in measured()
             # A second read of the basis (one matrix product for both vectors packs the basis, and two
             # products per chunk find nothing in cache: either is slower than two reads).
             previous = _basis_coefficients(state.basis, state.q, j - 1).to("cpu").numpy()
@@ -981,7 +988,7 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
         # hold for this operator: their signs, not only their sizes, may be wrong, and continuing from a row
         # patched with the measurement let the truth pass sqrt(eps) unseen (a float64 diagonal operator, 37x).
         # So such a check is answered like a crossing: this vector and the next are re-orthogonalised.
-        violated = bool(np.any(loss > np.abs(row[:-1]) + MEASUREMENT_ULPS * state.unit_roundoff))
+        violated = bool(np.any(loss > np.abs(row[:-1]) + est.measurement_error))
         row = est.measured(row, loss, signed)
         if not crossing:
             reorthogonalise = _agreed(state, violated or est.exceeds(row))
