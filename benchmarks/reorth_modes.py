@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from scipy.stats import wasserstein_distance
 
+from hess_utils._memory import holds_freed_memory
 from hess_utils.algorithms._products import owned_matvec
 from hess_utils.operators.base import SymmetricOperator
 
@@ -79,6 +80,7 @@ def model_operator(workload: str, dtype: torch.dtype, device: str) -> SymmetricO
     return HessianOperator(model, [batch], method="rev-rev", keep_graph="auto")
 
 
+@holds_freed_memory  # as lanczos() and slq() run
 def run_mode(op: SymmetricOperator, mode: str, iters: int) -> dict:
     """One Lanczos run of ``iters`` steps from the seed-0 probe, timing the product and the rest apart."""
     device = op.devices[0]

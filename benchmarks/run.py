@@ -31,8 +31,8 @@ from benchmarks.results_md import replace_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 HVP_SYSTEMS = [S.GRADIENT, *S.PEERS, "ours-rebuilt", "ours-kept", "ours-kept-pair", "ours-fd", "ours-fd-fixed"]
-SLQ_SYSTEMS = ["pyhessian", "eigenthings", "curvlinops", "eigenthings-fd", "ours-kept", "ours-kept-full",
-               "ours-kept-interleaved", "ours-kept-pair"]
+SLQ_SYSTEMS = ["pyhessian", "eigenthings", "curvlinops", "eigenthings-fd", "ours-kept", "ours-kept-trimming",
+               "ours-kept-full", "ours-kept-interleaved", "ours-kept-pair"]
 
 
 def worker(task: str, system: str, workload: str, device: str, extra: list[str] = (), env: dict | None = None,

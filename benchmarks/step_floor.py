@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from hess_utils._memory import holds_freed_memory
+
 lz = importlib.import_module("hess_utils.algorithms.lanczos")
 
 ORACLE_PAIRS = "30,31,48,49,62,63,74,75"
@@ -53,6 +55,7 @@ def _operator(name: str | None, dim: int):
     return model_operator(name, torch.float32, "cpu")
 
 
+@holds_freed_memory  # as the drivers run their steps
 def measure(op, rows: int, repeats: int) -> dict:
     """Milliseconds of each part of a step on ``op``'s block layout (see the module docstring)."""
     from hess_utils.algorithms._products import owned_matvec

@@ -190,6 +190,18 @@ def _ours_slq(probes_at_once=1, reorth=None):
     return run
 
 
+def _glibc_trimming(setup):
+    """``setup`` in a worker where the drivers leave glibc's heap trimming as it is (no held freed memory)."""
+
+    def run(model, batch, params):
+        import hess_utils._memory as memory
+
+        memory._glibc = lambda: None  # what holding_freed_memory does in a process it must leave alone
+        return setup(model, batch, params)
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------------- registry
 GRADIENT = "gradient"
 SYSTEMS: dict[str, System] = {
@@ -205,6 +217,9 @@ SYSTEMS: dict[str, System] = {
     "ours-rebuilt": System("hess_utils rev-rev, graph rebuilt", _ours_setup("rev-rev"), _ours_hvp),
     "ours-kept": System("hess_utils rev-rev, keep_graph='auto'", _ours_setup("rev-rev", "auto"), _ours_hvp,
                         _ours_slq(1), "SLQ: the defaults (reorth='partial', probes_at_once=1: probe after probe)"),
+    "ours-kept-trimming": System("hess_utils defaults, glibc trimming freed memory", _glibc_trimming(
+                                 _ours_setup("rev-rev", "auto")), _ours_hvp, _ours_slq(1),
+                                 "SLQ: the defaults without hess_utils._memory's held freed memory"),
     "ours-kept-full": System("hess_utils rev-rev kept, reorth='full'", _ours_setup("rev-rev", "auto"), _ours_hvp,
                              _ours_slq(1, reorth="full"), "SLQ: every step re-orthogonalised (the reference)"),
     "ours-kept-interleaved": System("hess_utils rev-rev kept, two probes interleaved", _ours_setup("rev-rev", "auto"),

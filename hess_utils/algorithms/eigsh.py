@@ -69,6 +69,7 @@ import pandas as pd
 import torch
 
 from hess_utils import vectors as V
+from hess_utils._memory import holds_freed_memory
 from hess_utils.algorithms import _eigsh_store as store_
 from hess_utils.algorithms._frozen import freeze_arrays
 from hess_utils.algorithms._products import owned_matvec
@@ -477,6 +478,7 @@ def _lock_and_inject(
     state.num_multiplicity_checks += 1
 
 
+@holds_freed_memory
 def eigsh(
     op: SymmetricOperator,
     k: int = 5,

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hess_utils import vectors as V
+from hess_utils._memory import holds_freed_memory
 from hess_utils.algorithms._frozen import short_repr
 from hess_utils.algorithms.probes import check_count, check_seed, probe_seed
 from hess_utils.operators.base import SymmetricOperator
@@ -94,6 +95,7 @@ def _diagonal_sample(op: SymmetricOperator, v: TensorList) -> TensorList:
     return [vb.to(torch.float64) * hb.to(device=vb.device, dtype=torch.float64) for vb, hb in zip(v, hv, strict=True)]
 
 
+@holds_freed_memory
 def hutchinson_diagonal(
     op: SymmetricOperator,
     num_probes: int,
@@ -223,6 +225,7 @@ def _hutch_plus_plus(
     return exact + residual, stderr
 
 
+@holds_freed_memory
 def hutchinson_trace(
     op: SymmetricOperator,
     num_probes: int,

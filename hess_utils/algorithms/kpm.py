@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hess_utils import vectors as V
+from hess_utils._memory import holds_freed_memory
 from hess_utils.algorithms._frozen import freeze_arrays, short_repr
 from hess_utils.algorithms._products import owned_matvec
 from hess_utils.algorithms.density import check_grid, normalise_on_grid
@@ -90,6 +91,7 @@ class KPMResult:
 
 
 # ---------------------------------------------------------------------------------------------- bounds
+@holds_freed_memory
 def estimate_bounds(
     op: SymmetricOperator,
     num_iters: int = BOUNDS_ITERS,
@@ -170,6 +172,7 @@ def _check_moments_bounded(mu: np.ndarray, bounds: tuple[float, float], probe: i
         )
 
 
+@holds_freed_memory
 def chebyshev_moments(
     op: SymmetricOperator,
     num_moments: int,
@@ -237,6 +240,7 @@ def chebyshev_density(
     return out
 
 
+@holds_freed_memory
 def kpm_density(
     op: SymmetricOperator,
     num_moments: int = 100,

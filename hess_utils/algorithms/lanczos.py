@@ -46,6 +46,7 @@ import torch
 
 from hess_utils import _threads
 from hess_utils import vectors as V
+from hess_utils._memory import holds_freed_memory
 from hess_utils.algorithms._frozen import freeze_arrays, short_repr
 from hess_utils.algorithms._products import owned_matvec
 from hess_utils.algorithms.ghosts import cullum_willoughby_mask
@@ -1204,6 +1205,7 @@ def lanczos_finish(state: LanczosState) -> LanczosResult:
     )
 
 
+@holds_freed_memory
 def lanczos(
     op: SymmetricOperator,
     num_iters: int,
@@ -1269,6 +1271,7 @@ def lanczos(
     return lanczos_resume(op, state, progress=progress, callback=callback)
 
 
+@holds_freed_memory
 def lanczos_resume(
     op: SymmetricOperator,
     state: LanczosState,

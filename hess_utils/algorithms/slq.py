@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hess_utils import _threads
+from hess_utils._memory import holds_freed_memory
 from hess_utils.algorithms._frozen import freeze_arrays, short_repr
 from hess_utils.algorithms._products import owned_matmat, owned_matvec
 from hess_utils.algorithms.lanczos import (
@@ -179,6 +180,7 @@ def stack_runs(
     )
 
 
+@holds_freed_memory
 def slq(
     op: SymmetricOperator,
     num_iters: int,

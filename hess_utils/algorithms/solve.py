@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from hess_utils import vectors as V
+from hess_utils._memory import holds_freed_memory
 from hess_utils.algorithms._frozen import freeze_arrays
 from hess_utils.algorithms._products import owned_matvec
 from hess_utils.algorithms.probes import check_count
@@ -377,6 +378,7 @@ def _solve(
     )
 
 
+@holds_freed_memory
 def cg(
     op: SymmetricOperator,
     b: Sequence[torch.Tensor],
@@ -425,6 +427,7 @@ def cg(
     return _solve("cg", op, b, damping, tol, max_iters, preconditioner, x0, progress)
 
 
+@holds_freed_memory
 def minres(
     op: SymmetricOperator,
     b: Sequence[torch.Tensor],
@@ -450,6 +453,7 @@ def minres(
     return _solve("minres", op, b, damping, tol, max_iters, preconditioner, x0, progress)
 
 
+@holds_freed_memory
 def influence(
     op: SymmetricOperator,
     grad_test: Sequence[torch.Tensor],

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hess_utils._memory import holds_freed_memory
 from hess_utils.algorithms._frozen import short_repr
 from hess_utils.operators.base import SymmetricOperator
 from hess_utils.progress import progress_bar
@@ -89,6 +90,7 @@ def _flat_indices(entries: Entries, numel: int, name: str) -> torch.Tensor:
     return idx
 
 
+@holds_freed_memory
 def subset_hessian(op: SymmetricOperator, subset: Mapping[str, Entries], progress: bool = True) -> SubsetHessian:
     """The exact dense Hessian of ``op`` restricted to the scalars selected by ``subset``.
 
