@@ -1,22 +1,24 @@
 """Freed memory kept in the process while a driver runs its products (glibc's ``malloc`` only).
 
 Why: glibc gives the free memory at the top of its heap back to the kernel as soon as more than its trim
-threshold is free, a threshold its adaptive rule raises to at most 64 MiB. A product with the Hessian of a
-model frees and allocates again hundreds of MiB of autograd temporaries, so every product gives pages back
-and the next one faults them in again, each zeroed by the kernel (about 10^4 faults a product on the GPT-2
-benchmark shape; ``benchmarks/RESULTS.md`` has the cost). :func:`holding_freed_memory` raises the trim
-threshold for the time of a driver (an SLQ, a Lanczos run, a solve), so the heap keeps what it has and the
-products reuse it; leaving, it puts the threshold back and returns what was kept (``malloc_trim``).
+threshold is free, a threshold its adaptive rule sets to twice the largest mmapped block freed so far (at most
+64 MiB). A product with the Hessian of a model frees and allocates again hundreds of MiB of autograd
+temporaries, so every product gives pages back and the next one faults them in again, each zeroed by the kernel
+(4 000-10 000 faults, 16-40 MiB, a product on the GPT-2 benchmark shape; ``benchmarks/RESULTS.md``).
+:func:`holding_freed_memory` raises the trim threshold for the time of a driver (an SLQ, a Lanczos run, a
+solve), so the heap keeps what it has and the products reuse it; leaving the outermost scope it lowers the
+threshold again and returns what was kept (``malloc_trim``).
 
-glibc freezes its adaptive thresholds once a program sets either of them (``mallopt``), and the freeze keeps
-the mmap threshold at its initial 128 KiB unless it is set too (every block above it then mapped and faulted
-afresh: a product twice as slow). So both are set, to the values the adaptive rule itself reaches in any
-process that has freed a block of 32 MiB or more (a model's logits or gradient do): mmap threshold 32 MiB,
-the largest glibc accepts; trim threshold 64 MiB after the scope, the largest ``int`` inside it.
+This is a lasting, process-wide choice, not a scoped one: glibc freezes its adaptive thresholds for good once a
+program sets either of them (``mallopt``), and the freeze keeps the mmap threshold where it is (128 KiB at first;
+every block above it then mapped and faulted afresh: a product twice as slow) unless it is set too. So both are
+set, and after the first driver the process keeps an mmap threshold of 32 MiB and a trim threshold of 64 MiB:
+the ceiling of the adaptive rule (reached after freeing a mapped block of 32 MiB), which a process running models
+is at or near anyway. Inside a scope the trim threshold is the largest ``int``.
 
-Left alone: a process that is not on glibc, and one whose user tuned ``malloc`` through its environment
-(``MALLOC_*_`` variables, ``GLIBC_TUNABLES``, or an allocator in ``LD_PRELOAD``). Scopes nest; the outermost
-one restores. The thresholds are process-wide, so threads running drivers at once share one scope count.
+Left alone: a process that is not on glibc, and one whose user tuned ``malloc`` (``MALLOC_*_`` variables,
+``glibc.malloc`` tunables, an allocator in ``LD_PRELOAD``). Scopes nest; the outermost one lowers the threshold.
+The thresholds are process-wide, so threads running drivers at once share one scope count.
 """
 
 from __future__ import annotations
@@ -32,14 +34,24 @@ from typing import TypeVar
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the adaptive rule's ceiling, glibc's limit
+MMAP_THRESHOLD = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the adaptive rule's ceiling
 IDLE_TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what the adaptive rule pairs with it
 HELD_TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes a C int
-_USER_TUNING = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
-                "GLIBC_TUNABLES")
+_USER_TUNING = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 _lock = threading.Lock()
 _depth = 0
+_held = False  # whether the outermost scope could set both thresholds
+
+
+def _new_lock_in_child() -> None:
+    # A child forked while another thread held the lock would wait for it forever. The child keeps the parent's
+    # count and thresholds: they match the scopes on the stack it inherited.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 _F = TypeVar("_F", bound=Callable)
 
 
@@ -47,6 +59,8 @@ _F = TypeVar("_F", bound=Callable)
 def _glibc() -> ctypes.CDLL | None:
     """The process's glibc, or None where this module must leave ``malloc`` alone (see the module docstring)."""
     if not sys.platform.startswith("linux") or any(os.environ.get(name) for name in _USER_TUNING):
+        return None
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return None
     if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc: not glibc's heap
         return None
@@ -63,30 +77,52 @@ def _glibc() -> ctypes.CDLL | None:
 
 def holding() -> bool:
     """Whether a :func:`holding_freed_memory` scope is open and in effect now."""
-    return _depth > 0 and _glibc() is not None
+    return _depth > 0 and _held
 
 
 @contextlib.contextmanager
 def holding_freed_memory() -> Iterator[None]:
     """Keep freed memory in the heap for reuse until the outermost such scope ends (module docstring)."""
-    global _depth
+    global _depth, _held
     libc = _glibc()
     if libc is None:
         yield
         return
     with _lock:
         if _depth == 0:
-            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, HELD_TRIM_THRESHOLD)
+            # The trim threshold only once the mmap one is in place: alone it would freeze the mmap threshold low.
+            _held = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+                libc.mallopt(_M_TRIM_THRESHOLD, HELD_TRIM_THRESHOLD))
         _depth += 1
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0:
+            if _depth == 0 and _held:
                 libc.mallopt(_M_TRIM_THRESHOLD, IDLE_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
+                _held = False
+
+
+def held_bytes() -> int:
+    """Bytes free in glibc's heaps (``mallinfo2().fordblks``) while a scope holds them, else 0: memory the
+    process can reuse at once, which ``MemAvailable`` no longer counts."""
+    libc = _glibc()
+    if not holding() or libc is None:
+        return 0
+    try:
+        info = libc.mallinfo2
+    except AttributeError:  # glibc before 2.33
+        return 0
+    info.restype = _MallInfo2
+    return int(info().fordblks)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
 
 
 def holds_freed_memory(driver: _F) -> _F:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hess_utils import _threads
+from hess_utils import _memory, _threads
 
 TensorList = list[torch.Tensor]
 
@@ -212,7 +212,8 @@ def numel(x: Sequence[torch.Tensor]) -> int:
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` (CUDA: the driver's count; CPU: MemAvailable), None when unknown."""
+    """Bytes free on ``device`` (CUDA: the driver's count; CPU: MemAvailable, plus what a driver holds freed in
+    the heap for reuse, :mod:`hess_utils._memory`), None when unknown."""
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
@@ -220,7 +221,7 @@ def free_memory(device: torch.device) -> int | None:
             with open("/proc/meminfo") as fh:
                 for line in fh:
                     if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
+                        return int(line.split()[1]) * 1024 + _memory.held_bytes()
     except (OSError, RuntimeError, ValueError):
         return None
     return None
