@@ -55,24 +55,45 @@ os.register_at_fork(after_in_child=_new_lock_in_child)
 _F = TypeVar("_F", bound=Callable)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
 @functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    """The process's glibc, or None where this module must leave ``malloc`` alone (see the module docstring)."""
-    if not sys.platform.startswith("linux") or any(os.environ.get(name) for name in _USER_TUNING):
-        return None
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return None
-    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc: not glibc's heap
+def _libc_malloc() -> ctypes.CDLL | None:
+    """The process's glibc with its malloc controls typed, None elsewhere (musl has no
+    ``gnu_get_libc_version``; its ``mallopt`` is a stub)."""
+    if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only (musl has mallopt as a stub)
-        mallopt, trim = libc.mallopt, libc.malloc_trim
+        libc.gnu_get_libc_version  # noqa: B018
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
         return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.restype = _MallInfo2
     return libc
+
+
+def return_freed_memory() -> None:
+    """Give the free memory of glibc's heaps back to the kernel now (``malloc_trim(0)``); nothing elsewhere."""
+    libc = _libc_malloc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's glibc, or None where this module must leave ``malloc`` alone (see the module docstring)."""
+    if any(os.environ.get(name) for name in _USER_TUNING) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc: not glibc's heap
+        return None
+    return _libc_malloc()
 
 
 def holding() -> bool:
@@ -108,21 +129,9 @@ def holding_freed_memory() -> Iterator[None]:
 def held_bytes() -> int:
     """Bytes free in glibc's heaps (``mallinfo2().fordblks``) while a scope holds them, else 0: memory the
     process can reuse at once, which ``MemAvailable`` no longer counts."""
-    libc = _glibc()
-    if not holding() or libc is None:
+    if not holding() or not hasattr(_glibc(), "mallinfo2"):
         return 0
-    try:
-        info = libc.mallinfo2
-    except AttributeError:  # glibc before 2.33
-        return 0
-    info.restype = _MallInfo2
-    return int(info().fordblks)
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    return int(_glibc().mallinfo2().fordblks)
 
 
 def holds_freed_memory(driver: _F) -> _F:

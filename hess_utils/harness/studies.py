@@ -14,7 +14,6 @@ All norms and reductions are accumulated in float64, whatever the dtype of the p
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
 import os
 import statistics
@@ -33,6 +32,7 @@ import torch
 
 from hess_utils import loss as L
 from hess_utils import vectors as V
+from hess_utils._memory import return_freed_memory
 from hess_utils.algorithms.lanczos import machine_epsilon
 from hess_utils.algorithms.probes import probe_seed
 from hess_utils.dtypes import as_dtype
@@ -501,14 +501,6 @@ def ritz_zero_test(ritz: pd.DataFrame, noise_floor: float = 0.0) -> pd.DataFrame
 
 
 # ---------------------------------------------------------------------------------------------- costs
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so the RSS baseline of a measurement is honest."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm", encoding="ascii") as f:
@@ -568,7 +560,7 @@ def measure_cost(fn: Callable[[], Any], repeats: int = 3, device: torch.device |
             times.append(time.perf_counter() - start)
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
         else:
-            _malloc_trim()
+            return_freed_memory()  # so that the RSS baseline of a measurement is honest
             base = _rss_bytes()
             with _PeakRSS() as sampler:
                 start = time.perf_counter()
