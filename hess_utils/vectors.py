@@ -121,6 +121,12 @@ def norm(a: Sequence[torch.Tensor]) -> float:
 def axpy_(alpha: float | torch.Tensor, x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> None:
     """In place ``y <- y + alpha * x`` block by block."""
     _check_pair(x, y)
+    if not isinstance(alpha, torch.Tensor) and all(
+        xi.device == yi.device and xi.dtype == yi.dtype for xi, yi in zip(x, y, strict=True)
+    ):
+        # One call for all blocks: a model's dozens of short blocks cost more in per-call overhead than in work.
+        torch._foreach_add_(list(y), list(x), alpha=alpha)
+        return
     for xi, yi in zip(x, y, strict=True):
         if isinstance(alpha, torch.Tensor):
             yi.add_(alpha.to(device=yi.device, dtype=yi.dtype) * xi.to(yi.device))

@@ -491,6 +491,57 @@ def test_float32_reductions_over_long_vectors_sum_chunks_in_float64():
     assert abs(lz._fast_norm([w]) - scale) <= 8 * eps * scale
 
 
+def test_step_reductions_over_a_model_layout_of_mixed_blocks_match_float64():
+    """The alphas' and betas' dot over a model-like layout (long float32 blocks with and without a tail, dozens of
+    short float32 blocks, short float64 and bfloat16 blocks, a long float64 block, a non-contiguous block),
+    against a float64 sum formed independently: accurate to a few eps of sum |x_i y_i|."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [((1 << 16) + 7,), (3, 1 << 15), *[(256,)] * 30, (40, 30), (1 << 15,)]
+    dtypes = [torch.float32, torch.float32, *[torch.float32] * 28, torch.float64, torch.bfloat16, torch.float32,
+              torch.float64]
+    a = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes, strict=True)]
+    b = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes, strict=True)]
+    for block in (0, 5):  # a few dominant entries, as in outlier-dominated Lanczos vectors: at the start of a
+        a[block][:3] = 1e4  # long block and in a short one
+        b[block][:3] = 1e4
+    a[0][-3:] = -1e4  # and in a long block's tail, cancelling
+    b[0][-3:] = 1e4
+    a.append(torch.randn(64, 50, generator=gen).T)  # non-contiguous
+    b.append(torch.randn(50, 64, generator=gen))
+    products = [x.double().reshape(-1) * y.double().reshape(-1) for x, y in zip(a, b, strict=True)]
+    exact = float(sum(p.sum() for p in products))
+    scale = float(sum(p.abs().sum() for p in products))
+    eps = float(torch.finfo(torch.float32).eps)
+    assert abs(lz._fast_dot(a, b) - exact) <= 8 * eps * scale
+    squares = float(sum((x.double() ** 2).sum() for x in a))
+    assert abs(lz._fast_norm(a) - squares**0.5) <= 8 * eps * squares**0.5
+    assert lz._fast_dot(a[:1], b[:1]) == pytest.approx(float(products[0].sum()), rel=0, abs=8 * eps * scale)
+    with pytest.raises(ValueError, match="shapes differ"):
+        lz._fast_dot([torch.ones(3)], [torch.ones(4)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_orthogonality_diagnostic_over_long_rows_matches_a_float64_gram(dtype, threads, monkeypatch):
+    """max |q_i . q_j| over rows long enough for the columns to be dealt among threads (and on one thread), with a
+    planted largest pair, against a float64 Gram formed independently."""
+    monkeypatch.setattr(lz._threads, "cpu_workers", lambda: threads)
+    gen = torch.Generator().manual_seed(5)
+    n = 2 * lz._MIN_SPLIT_COLUMNS + 12_345
+    rows = torch.randn(6, n, generator=gen, dtype=torch.float64)
+    rows[4] = 0.6 * rows[1] + 0.8 * rows[4]
+    rows = (rows / rows.norm(dim=1, keepdim=True)).to(dtype)
+    basis = torch.empty(9, n, dtype=dtype)
+    basis[:6] = rows
+    exact = rows.double() @ rows.double().T
+    exact.fill_diagonal_(0.0)
+    expected = float(exact.abs().max())
+    assert expected > 0.5
+    eps = float(torch.finfo(dtype).eps)
+    assert abs(lz._orthogonality_loss([basis], 6) - expected) <= 8 * eps
+    assert lz._orthogonality_loss([basis[:, :1000], basis[:, 1000:]], 6) == pytest.approx(expected, abs=8 * eps)
+
+
 def test_float32_full_basis_is_orthogonal_to_a_few_eps_and_the_diagnostic_measures_it(monkeypatch):
     op, eigs = _long_lm_operator()
     eps = float(torch.finfo(torch.float32).eps)

@@ -762,20 +762,36 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     one call (:func:`torch.linalg.vecdot`, whose sums are pairwise; it makes one float32 temporary of the
     block's size), the row sums added in float64; accurate to a few eps of ``sum |a_i b_i|`` with no float64
     copy of the block (which is what makes :func:`~hess_utils.vectors.dot` several times slower there) and no
-    Python loop over chunks. Other blocks: :func:`~hess_utils.vectors.dot`.
+    Python loop over chunks. Their tails and the CPU blocks of at most :data:`_ACC_CHUNK` entries (any
+    dtype) are gathered into one float64 vector each and dotted once: a model has dozens of short blocks
+    (biases, norms), whose float64 dots one by one cost more than all of them together. The partial sums stay
+    tensors until one final sum (one host read). Other blocks: :func:`~hess_utils.vectors.dot`.
     """
-    total = 0.0
-    rest_a, rest_b = [], []
+    parts: list[torch.Tensor] = []
+    short_a, short_b, rest_a, rest_b = [], [], [], []
     for x, y in zip(a, b, strict=True):
-        if (x.device.type == "cpu" and x.dtype == y.dtype == torch.float32 and y.device == x.device
-                and x.numel() > _ACC_CHUNK and x.is_contiguous() and y.is_contiguous()):
+        n = x.numel()
+        if x.device.type != "cpu" or y.device != x.device or x.shape != y.shape:
+            rest_a.append(x)
+            rest_b.append(y)
+        elif n <= _ACC_CHUNK:
+            short_a.append(x.view(-1) if x.is_contiguous() else x.reshape(-1))
+            short_b.append(y.view(-1) if y.is_contiguous() else y.reshape(-1))
+        elif x.dtype == y.dtype == torch.float32:
             x, y = x.reshape(-1), y.reshape(-1)
-            whole = x.numel() - x.numel() % _ACC_CHUNK
+            whole = n - n % _ACC_CHUNK
             rows = torch.linalg.vecdot(x[:whole].view(-1, _ACC_CHUNK), y[:whole].view(-1, _ACC_CHUNK))
-            total += float(rows.sum(dtype=torch.float64)) + float(torch.dot(x[whole:], y[whole:]))
+            parts.append(rows.sum(dtype=torch.float64))
+            if whole < n:
+                short_a.append(x[whole:])
+                short_b.append(y[whole:])
         else:
             rest_a.append(x)
             rest_b.append(y)
+    if short_a:
+        # torch.cat promotes mixed dtypes; the float64 conversion is then one call for all short pieces.
+        parts.append(torch.dot(torch.cat(short_a).to(torch.float64), torch.cat(short_b).to(torch.float64)))
+    total = float(torch.stack(parts).sum()) if parts else 0.0
     if rest_a:
         total += V.dot(rest_a, rest_b)
     return total
@@ -904,8 +920,24 @@ def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int, coeffs: 
     return size
 
 
+def _gram_of_columns(rows: torch.Tensor, start: int, stop: int, chunk: int) -> torch.Tensor:
+    """``rows[:, start:stop] rows[:, start:stop]^T`` in float64, summed over chunks of ``chunk`` columns."""
+    k = rows.shape[0]
+    part = torch.zeros((k, k), dtype=torch.float64, device=rows.device)
+    for s in range(start, stop, chunk):
+        block = rows[:, s : min(s + chunk, stop)]
+        part += block @ block.T
+    return part
+
+
 def _orthogonality_loss(basis: list[torch.Tensor] | None, k: int) -> float:
-    """``max_{i != j} |q_i . q_j|`` over rows ``0..k-1`` of the basis, NaN without a basis."""
+    """``max_{i != j} |q_i . q_j|`` over rows ``0..k-1`` of the basis, NaN without a basis.
+
+    Chunks of columns summed in float64, as the coefficients (:func:`_chunked_rows_dot`): a float32 Gram matrix
+    of 5e6 columns would measure its own rounding. The products of so few rows over so short chunks keep one
+    core busy each, so on a CPU the columns are dealt among the worker threads (a fixed split, partial sums added
+    in a fixed order: reproducible), as for the re-orthogonalisation.
+    """
     if basis is None or k < 2:
         return math.nan if basis is None else 0.0
     gram = torch.zeros((k, k), dtype=torch.float64)
@@ -913,14 +945,17 @@ def _orthogonality_loss(basis: list[torch.Tensor] | None, k: int) -> float:
         rows = Qb[:k]
         if rows.dtype in _HALF_DTYPES:
             rows = rows.float()
-        # Chunks of columns summed in float64, as the coefficients (_chunked_rows_dot): a float32 Gram
-        # matrix of 5e6 columns would measure its own rounding.
-        chunk = rows.shape[1] if rows.dtype == torch.float64 else _ACC_CHUNK
-        part = torch.zeros((k, k), dtype=torch.float64, device=rows.device)
-        for s in range(0, rows.shape[1], chunk):
-            block = rows[:, s : s + chunk]
-            part += block @ block.T
-        gram += part.to("cpu")
+        n = rows.shape[1]
+        workers = _threads.cpu_workers()
+        if rows.device.type == "cpu" and workers > 1 and n >= _MIN_SPLIT_COLUMNS * workers:
+            chunk = -(-n // workers) if rows.dtype == torch.float64 else _ACC_CHUNK
+            pool = _threads.thread_pool(workers)
+            bounds = [(n * i // workers) // chunk * chunk for i in range(workers)] + [n]
+            jobs = [pool.submit(_gram_of_columns, rows, a, b, chunk) for a, b in zip(bounds, bounds[1:])]
+            for job in jobs:  # a fixed order of the partial sums
+                gram += job.result()
+        else:
+            gram += _gram_of_columns(rows, 0, n, n if rows.dtype == torch.float64 else _ACC_CHUNK).to("cpu")
     gram.fill_diagonal_(0.0)
     return float(gram.abs().max())
 
