@@ -920,9 +920,11 @@ def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int, coeffs: 
     return size
 
 
-def _gram_of_columns(rows: torch.Tensor, start: int, stop: int, chunk: int) -> torch.Tensor:
-    """``rows[:, start:stop] rows[:, start:stop]^T`` in float64, summed over chunks of ``chunk`` columns."""
+def _gram_of_columns(rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``rows[:, start:stop] rows[:, start:stop]^T`` in float64: float32 rows summed over chunks of
+    :data:`_ACC_CHUNK` columns (as :func:`_chunked_rows_dot`), float64 rows in one product."""
     k = rows.shape[0]
+    chunk = max(stop - start, 1) if rows.dtype == torch.float64 else _ACC_CHUNK
     part = torch.zeros((k, k), dtype=torch.float64, device=rows.device)
     for s in range(start, stop, chunk):
         block = rows[:, s : min(s + chunk, stop)]
@@ -948,14 +950,13 @@ def _orthogonality_loss(basis: list[torch.Tensor] | None, k: int) -> float:
         n = rows.shape[1]
         workers = _threads.cpu_workers()
         if rows.device.type == "cpu" and workers > 1 and n >= _MIN_SPLIT_COLUMNS * workers:
-            chunk = -(-n // workers) if rows.dtype == torch.float64 else _ACC_CHUNK
             pool = _threads.thread_pool(workers)
-            bounds = [(n * i // workers) // chunk * chunk for i in range(workers)] + [n]
-            jobs = [pool.submit(_gram_of_columns, rows, a, b, chunk) for a, b in zip(bounds, bounds[1:])]
+            bounds = [(n * i // workers) // _ACC_CHUNK * _ACC_CHUNK for i in range(workers)] + [n]
+            jobs = [pool.submit(_gram_of_columns, rows, a, b) for a, b in zip(bounds, bounds[1:])]
             for job in jobs:  # a fixed order of the partial sums
                 gram += job.result()
         else:
-            gram += _gram_of_columns(rows, 0, n, n if rows.dtype == torch.float64 else _ACC_CHUNK).to("cpu")
+            gram += _gram_of_columns(rows, 0, n).to("cpu")
     gram.fill_diagonal_(0.0)
     return float(gram.abs().max())
 
