@@ -312,3 +312,25 @@ def test_rev_rev_runs_linear_layers_through_the_contiguous_kernel_and_matches_na
     for a, b in zip(ours, native, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert max(float(a.abs().max()) for a in native) > 1e-3  # a product that can differ
+
+
+def test_axpy_in_one_call_and_block_by_block_match_the_formula():
+    """``y <- y + alpha x``: the one-call path (same devices and dtypes), the block-by-block one (mixed dtypes, a
+    tensor alpha), and a length mismatch reported."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(5, 3), (1,), (70,)]
+    x = [torch.randn(s, generator=g) for s in shapes]
+    y = [torch.randn(s, generator=g) for s in shapes]
+    expected = [yi.double() - 0.25 * xi.double() for xi, yi in zip(x, y, strict=True)]
+    same = [t.clone() for t in y]
+    V.axpy_(-0.25, x, same)
+    mixed = [t.double() for t in y]
+    V.axpy_(-0.25, x, mixed)
+    tensor_alpha = [t.clone() for t in y]
+    V.axpy_(torch.tensor(-0.25, dtype=torch.float64), x, tensor_alpha)
+    for e, s, m, t in zip(expected, same, mixed, tensor_alpha, strict=True):
+        assert s.dtype == torch.float32 and m.dtype == torch.float64
+        assert torch.allclose(s.double(), e, rtol=0, atol=1e-6) and torch.allclose(m, e, rtol=0, atol=1e-15)
+        assert torch.equal(s, t)
+    with pytest.raises(ValueError, match="different lengths"):
+        V.axpy_(1.0, x, y[:2])
