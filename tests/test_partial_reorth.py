@@ -520,6 +520,30 @@ def test_step_reductions_over_a_model_layout_of_mixed_blocks_match_float64():
         lz._fast_dot([torch.ones(3)], [torch.ones(4)])
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1e18])
+def test_step_reductions_and_lanczos_hold_at_extreme_scales_of_long_float32_blocks(scale):
+    """Float32 vectors whose entries are far from 1 but well inside float32's range: squared, they overflow
+    (1e18) or fall below its smallest normal number (1e-23); the dots and norms, and the Ritz values of a run on
+    an operator of that scale, must not. Reference: float64 sums and the known largest eigenvalue."""
+    n = 3 * lz._ACC_CHUNK + 100  # long blocks with a tail
+    x = torch.full((n,), scale * 1e-3, dtype=torch.float32)
+    x[::7] = scale
+    y = torch.linspace(-1.0, 2.0, n, dtype=torch.float32) * scale
+    exact_dot = float(x.double() @ y.double())
+    exact_norm = float(x.double().norm())
+    assert lz._fast_dot([x], [y]) == pytest.approx(exact_dot, rel=1e-6)
+    assert lz._fast_norm([x]) == pytest.approx(exact_norm, rel=1e-6)
+    assert lz._fast_norm([x, y[:100]]) == pytest.approx(math.hypot(exact_norm, float(y[:100].double().norm())),
+                                                       rel=1e-6)
+    eigs = np.concatenate([np.random.default_rng(0).normal(0.0, 0.5, n - OUTLIERS.size), OUTLIERS]) * scale
+    op = _Diagonal(torch.tensor(eigs, dtype=torch.float32))
+    top = float(torch.tensor(eigs, dtype=torch.float32).double().max())
+    for reorth in ("partial", "full"):
+        res = lanczos(op, 60, reorth=reorth, seed=0, progress=False)
+        assert abs(res.ritz_values.max() - top) <= 1e-6 * abs(top)
+        assert res.orthogonality_loss <= math.sqrt(float(torch.finfo(torch.float32).eps))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_orthogonality_diagnostic_over_long_rows_matches_a_float64_gram(dtype, threads, monkeypatch):

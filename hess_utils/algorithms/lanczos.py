@@ -71,6 +71,9 @@ _HALF_CHUNK = 1 << 22
 # this many entries in the vector dtype and add the chunk sums in float64 (2.4 eps there), at the cost of a
 # plain float32 product (a float64 conversion costs 4-6 x more on one core).
 _ACC_CHUNK = 1 << 14
+# ... as long as the float32 products neither overflow nor fall below float32's smallest normal number: a sum of n
+# products smaller than n times this (float32's tiny over its eps) may have lost more than eps to such products.
+_FLOAT32_TINY_SUM = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
 
 # reorth="partial": at most this many steps between two measurements of a new vector against the whole basis
 # (OmegaEstimates.check_every). A check reads the basis once; every 10 steps that is 5 % of what "full" reads.
@@ -767,7 +770,8 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     (biases, norms), whose float64 dots one by one cost more than all of them together. The partial sums stay
     tensors until one final sum (one host read). Other blocks: :func:`~hess_utils.vectors.dot`.
     """
-    parts: list[torch.Tensor] = []
+    long_sums: list[torch.Tensor] = []
+    long_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     short_a, short_b, rest_a, rest_b = [], [], [], []
     for x, y in zip(a, b, strict=True):
         n = x.numel()
@@ -781,17 +785,27 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
             x, y = x.reshape(-1), y.reshape(-1)
             whole = n - n % _ACC_CHUNK
             rows = torch.linalg.vecdot(x[:whole].view(-1, _ACC_CHUNK), y[:whole].view(-1, _ACC_CHUNK))
-            parts.append(rows.sum(dtype=torch.float64))
+            long_sums.append(rows.sum(dtype=torch.float64))
+            long_pairs.append((x[:whole], y[:whole]))
             if whole < n:
                 short_a.append(x[whole:])
                 short_b.append(y[whole:])
         else:
             rest_a.append(x)
             rest_b.append(y)
+    parts = list(long_sums)
     if short_a:
         # torch.cat promotes mixed dtypes; the float64 conversion is then one call for all short pieces.
         parts.append(torch.dot(torch.cat(short_a).to(torch.float64), torch.cat(short_b).to(torch.float64)))
-    total = float(torch.stack(parts).sum()) if parts else 0.0
+    values = torch.stack(parts).tolist() if parts else []  # one host read
+    for i, (x, y) in enumerate(long_pairs):
+        # The float32 products of a long block overflow (|x_i y_i| or a row's sum above 3.4e38) or lose digits
+        # below float32's smallest normal number (each product under it is off by up to 1.2e-38): then that
+        # block is summed again with float64 products. A finite sum at least n * 1.2e-38 / eps in size is accurate
+        # to eps of it despite any such product.
+        if not (math.isfinite(values[i]) and abs(values[i]) >= x.numel() * _FLOAT32_TINY_SUM):
+            values[i] = V.dot([x], [y])
+    total = math.fsum(values) if len(values) > 1 else (values[0] if values else 0.0)
     if rest_a:
         total += V.dot(rest_a, rest_b)
     return total
