@@ -770,7 +770,7 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     (biases, norms), whose float64 dots one by one cost more than all of them together. The partial sums stay
     tensors until one final sum (one host read). Other blocks: :func:`~hess_utils.vectors.dot`.
     """
-    long_sums: list[torch.Tensor] = []
+    parts: list[torch.Tensor] = []  # the long float32 blocks' sums first, in the order of long_pairs
     long_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     short_a, short_b, rest_a, rest_b = [], [], [], []
     for x, y in zip(a, b, strict=True):
@@ -785,7 +785,7 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
             x, y = x.reshape(-1), y.reshape(-1)
             whole = n - n % _ACC_CHUNK
             rows = torch.linalg.vecdot(x[:whole].view(-1, _ACC_CHUNK), y[:whole].view(-1, _ACC_CHUNK))
-            long_sums.append(rows.sum(dtype=torch.float64))
+            parts.append(rows.sum(dtype=torch.float64))
             long_pairs.append((x[:whole], y[:whole]))
             if whole < n:
                 short_a.append(x[whole:])
@@ -793,7 +793,6 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
         else:
             rest_a.append(x)
             rest_b.append(y)
-    parts = list(long_sums)
     if short_a:
         # torch.cat promotes mixed dtypes; the float64 conversion is then one call for all short pieces.
         parts.append(torch.dot(torch.cat(short_a).to(torch.float64), torch.cat(short_b).to(torch.float64)))
@@ -805,7 +804,7 @@ def _fast_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
         # to eps of it despite any such product.
         if not (math.isfinite(values[i]) and abs(values[i]) >= x.numel() * _FLOAT32_TINY_SUM):
             values[i] = V.dot([x], [y])
-    total = math.fsum(values) if len(values) > 1 else (values[0] if values else 0.0)
+    total = math.fsum(values)
     if rest_a:
         total += V.dot(rest_a, rest_b)
     return total
@@ -964,9 +963,9 @@ def _orthogonality_loss(basis: list[torch.Tensor] | None, k: int) -> float:
         n = rows.shape[1]
         workers = _threads.cpu_workers()
         if rows.device.type == "cpu" and workers > 1 and n >= _MIN_SPLIT_COLUMNS * workers:
-            pool = _threads.thread_pool(workers)
-            bounds = [(n * i // workers) // _ACC_CHUNK * _ACC_CHUNK for i in range(workers)] + [n]
-            jobs = [pool.submit(_gram_of_columns, rows, a, b) for a, b in zip(bounds, bounds[1:])]
+            shares = _threads.deal([n], workers, piece=_ACC_CHUNK)
+            pool = _threads.thread_pool(len(shares))
+            jobs = [pool.submit(_gram_of_columns, rows, a, b) for share in shares for _, a, b in share]
             for job in jobs:  # a fixed order of the partial sums
                 gram += job.result()
         else:
