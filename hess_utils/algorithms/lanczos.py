@@ -74,6 +74,16 @@ _ACC_CHUNK = 1 << 14
 # ... as long as the float32 products neither overflow nor fall below float32's smallest normal number: a sum of n
 # products smaller than n times this (float32's tiny over its eps) may have lost more than eps to such products.
 _FLOAT32_TINY_SUM = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
+# The matrix products against the basis (re-orthogonalisation coefficients, the measurements of reorth="partial",
+# the orthogonality diagnostic) accumulate each float32 chunk in float32 for each output: where a chunk holds most
+# of both vectors the error reached 250 eps of ||q|| ||w|| (Lanczos vectors of 16 000 entries, a narrow bulk under
+# outliers), 30 times the MEASUREMENT_ULPS the estimates assume. A chunk's error scales with its share of the
+# vectors, so a float32 chunk that holds more than this share of the squared norm of w (in the diagnostic: of a
+# basis row) is summed with float64 products, as are rows of at most _ACC_CHUNK columns and the tails of longer
+# ones (a float64 conversion of so few columns costs next to nothing; of a whole long row, 2.2 x the float32
+# product). At most 1 / _HEAVY_SHARE chunks of a vector can be heavy; vectors spread over many chunks keep the
+# float32 products.
+_HEAVY_SHARE = 1.0 / 64
 
 # reorth="partial": at most this many steps between two measurements of a new vector against the whole basis
 # (OmegaEstimates.check_every). A check reads the basis once; every 10 steps that is 5 % of what "full" reads.
@@ -87,7 +97,8 @@ ROUNDINGS_PER_STEP = 8
 # (OmegaEstimates.worth_recalibrating).
 RECALIBRATION_STEPS = 4
 # ... and the measured rows it keeps are given a radius of this many eps, what a measurement may be off by
-# (up to 6 eps measured on 4e5-entry float32 vectors).
+# (up to 6 eps measured on 4e5-entry float32 vectors; up to 2 eps on float32 vectors concentrated in a few chunks of
+# columns, which take float64 products there, _HEAVY_SHARE, where float32 chunks were 250 eps off).
 MEASUREMENT_ULPS = 8
 
 
@@ -737,24 +748,39 @@ def _store_row(basis: list[torch.Tensor], row: int, q: TensorList) -> None:
         Qb[row].copy_(qb.reshape(-1))
 
 
-def _rows_dot(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``rows @ w`` as float64, ``rows: (k, n)``, ``w: (n,)`` on the same device."""
+def _rows_dot(rows: torch.Tensor, w: torch.Tensor, heavy: float) -> torch.Tensor:
+    """``rows @ w`` as float64, ``rows: (k, n)``, ``w: (n,)`` on the same device (``heavy``: see
+    :func:`_chunked_rows_dot`)."""
     if rows.dtype not in _HALF_DTYPES:
-        return _chunked_rows_dot(rows, w)
+        return _chunked_rows_dot(rows, w, heavy)
     out = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
     for s in range(0, rows.shape[1], _HALF_CHUNK):
         out += rows[:, s : s + _HALF_CHUNK].float() @ w[s : s + _HALF_CHUNK].float()
     return out.to(torch.float64)
 
 
-def _chunked_rows_dot(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``rows @ w`` (float32 or float64) as float64: chunks of :data:`_ACC_CHUNK` columns, chunk sums in float64."""
+def _chunked_rows_dot(rows: torch.Tensor, w: torch.Tensor, heavy: float) -> torch.Tensor:
+    """``rows @ w`` (float32 or float64) as float64.
+
+    Float32 rows are summed over chunks of :data:`_ACC_CHUNK` columns, chunk sums in float64. Chunks whose part of
+    ``w`` has a squared norm above ``heavy`` (the caller's :data:`_HEAVY_SHARE` of the whole ``||w||^2``: ``w`` may
+    be a piece of a longer vector), rows of at most :data:`_ACC_CHUNK` columns and the tail of longer ones are
+    summed with float64 products.
+    """
     n = rows.shape[1]
-    if rows.dtype == torch.float64 or n <= _ACC_CHUNK:
-        return (rows @ w).to(torch.float64)
+    if rows.dtype == torch.float64:
+        return rows @ w
+    if n <= _ACC_CHUNK:
+        return rows.double() @ w.double()
+    whole = n - n % _ACC_CHUNK
+    chunks = w[:whole].view(-1, _ACC_CHUNK)
+    is_heavy = (torch.linalg.vecdot(chunks, chunks).double() > heavy).tolist()
     out = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
-    for s in range(0, n, _ACC_CHUNK):
-        out += rows[:, s : s + _ACC_CHUNK] @ w[s : s + _ACC_CHUNK]
+    for c, s in enumerate(range(0, whole, _ACC_CHUNK)):
+        part, x = rows[:, s : s + _ACC_CHUNK], w[s : s + _ACC_CHUNK]
+        out += part.double() @ x.double() if is_heavy[c] else part @ x
+    if whole < n:
+        out += rows[:, whole:].double() @ w[whole:].double()
     return out
 
 
@@ -855,10 +881,10 @@ def _column_shares(basis: list[torch.Tensor], w: TensorList) -> list[list[tuple[
     return [[(blocks[j], a, b) for j, a, b in share] for share in _threads.deal(sizes, workers)]
 
 
-def _share_coefficients(basis, w, k: int, share) -> torch.Tensor:
+def _share_coefficients(basis, w, k: int, share, heavy: float) -> torch.Tensor:
     total = torch.zeros(k, dtype=torch.float64)
     for i, start, stop in share:
-        total += _chunked_rows_dot(basis[i][:k, start:stop], w[i].view(-1)[start:stop])
+        total += _chunked_rows_dot(basis[i][:k, start:stop], w[i].view(-1)[start:stop], heavy)
     return total
 
 
@@ -867,21 +893,25 @@ def _share_subtract(basis, w, coeffs: dict[torch.dtype, torch.Tensor], k: int, s
         w[i].view(-1)[start:stop].addmv_(basis[i][:k, start:stop].T, coeffs[basis[i].dtype], alpha=-1)
 
 
-def _basis_coefficients(basis: list[torch.Tensor], w: TensorList, k: int) -> torch.Tensor:
-    """``Q[:k] w`` summed over blocks in float64, on the device of the first basis block."""
+def _basis_coefficients(basis: list[torch.Tensor], w: TensorList, k: int, norm: float | None = None) -> torch.Tensor:
+    """``Q[:k] w`` summed over blocks in float64, on the device of the first basis block. ``norm``: ``||w||`` where
+    the caller knows it (it decides which float32 chunks take float64 products, :data:`_HEAVY_SHARE`)."""
     home = basis[0].device
     total = torch.zeros(k, dtype=torch.float64, device=home)
+    if norm is None:
+        norm = _fast_norm(w)
+    heavy = _HEAVY_SHARE * norm * norm
     shares = _column_shares(basis, w)
     split = set()
     if shares is not None:
         pool = _threads.thread_pool(len(shares))
-        jobs = [pool.submit(_share_coefficients, basis, w, k, share) for share in shares]
+        jobs = [pool.submit(_share_coefficients, basis, w, k, share, heavy) for share in shares]
         for job in jobs:  # a fixed order of the partial sums: reproducible
             total += job.result().to(home)
         split = {i for share in shares for i, _, _ in share}
     for i, (Qb, wb) in enumerate(zip(basis, w, strict=True)):
         if i not in split:
-            total += _rows_dot(Qb[:k], wb.reshape(-1).to(Qb.device)).to(home)
+            total += _rows_dot(Qb[:k], wb.reshape(-1).to(Qb.device), heavy).to(home)
     return total
 
 
@@ -927,20 +957,25 @@ def _reorthogonalise_(w: TensorList, basis: list[torch.Tensor], k: int, coeffs: 
     size = _fast_norm(w)
     removed = float(coeffs[:lead] @ coeffs[:lead])
     if not (size * size >= removed):  # also when non-finite: let the caller's check report it
-        coeffs = _basis_coefficients(basis, w, k)
+        coeffs = _basis_coefficients(basis, w, k, size)
         _subtract_projection_(w, basis, coeffs, k)
         size = _fast_norm(w)
     return size
 
 
 def _gram_of_columns(rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """``rows[:, start:stop] rows[:, start:stop]^T`` in float64: float32 rows summed over chunks of
-    :data:`_ACC_CHUNK` columns (as :func:`_chunked_rows_dot`), float64 rows in one product."""
+    """``rows[:, start:stop] rows[:, start:stop]^T`` in float64, for unit rows: float64 rows in one product; float32
+    rows summed over chunks of :data:`_ACC_CHUNK` columns, with float64 products for a chunk holding more than
+    :data:`_HEAVY_SHARE` of some row's squared norm and for a shorter chunk (as :func:`_chunked_rows_dot`)."""
+    if rows.dtype == torch.float64:
+        block = rows[:, start:stop]
+        return block @ block.T
     k = rows.shape[0]
-    chunk = max(stop - start, 1) if rows.dtype == torch.float64 else _ACC_CHUNK
     part = torch.zeros((k, k), dtype=torch.float64, device=rows.device)
-    for s in range(start, stop, chunk):
-        block = rows[:, s : min(s + chunk, stop)]
+    for s in range(start, stop, _ACC_CHUNK):
+        block = rows[:, s : min(s + _ACC_CHUNK, stop)]
+        if block.shape[1] < _ACC_CHUNK or float(torch.linalg.vecdot(block, block).max()) > _HEAVY_SHARE:
+            block = block.double()
         part += block @ block.T
     return part
 
@@ -1023,14 +1058,14 @@ def _partial_reorthogonalise_(state: LanczosState, w: TensorList, alpha: float) 
     measure = crossing or est.check_due()
     coeffs = host = None
     if measure:
-        coeffs = _basis_coefficients(state.basis, w, j)
+        coeffs = _basis_coefficients(state.basis, w, j, size)
         host = coeffs.to("cpu").numpy()
         signed = host / size if size > 0 else np.zeros(j)
         loss = np.abs(signed)
         if crossing and not _agreed(state, not est.worth_recalibrating(row, loss)):
             # A second read of the basis (one matrix product for both vectors packs the basis, and two
             # products per chunk find nothing in cache: either is slower than two reads).
-            previous = _basis_coefficients(state.basis, state.q, j - 1).to("cpu").numpy()
+            previous = _basis_coefficients(state.basis, state.q, j - 1, 1.0).to("cpu").numpy()
             row = est.recalibrate(previous, signed)
             est.accept(row, False, measured=True)
             return size
