@@ -606,11 +606,15 @@ def _float32_chunk_products(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor
                for s in range(0, rows.shape[1], lz._ACC_CHUNK))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("n", "wide"), [(16_000, 0), (49_152, 3000), (1_000_000, 3000)])
-def test_float32_products_against_the_basis_hold_8_eps_where_one_chunk_holds_much_of_the_vectors(n, wide):
-    """The coefficients Q^T w and the max |q_i . q_j| diagnostic of float32 Lanczos vectors concentrated in a few
-    chunks of columns, against float64 products formed independently: within 8 eps (MEASUREMENT_ULPS, what the
-    estimates assume), where plain float32 chunks are off by 25-250 eps."""
+def test_float32_products_against_the_basis_hold_8_eps_where_one_chunk_holds_much_of_the_vectors(
+        n, wide, threads, monkeypatch):
+    """The coefficients Q^T w and the Gram matrix of the max |q_i . q_j| diagnostic of float32 Lanczos vectors
+    concentrated in a few chunks of columns, against float64 products formed independently: within 8 eps
+    (MEASUREMENT_ULPS, what the estimates assume) entry by entry, on one thread and with the columns dealt between
+    two (n = 1e6), where plain float32 chunks are off by 25-250 eps."""
+    monkeypatch.setattr(lz._threads, "cpu_workers", lambda: threads)
     op = _narrow_bulk_operator(n, seed=0, wide=wide)
     state = lanczos_init(op, 40, reorth="full", seed=0)
     res = lanczos_resume(op, state, progress=False)
@@ -627,6 +631,9 @@ def test_float32_products_against_the_basis_hold_8_eps_where_one_chunk_holds_muc
         plain.append(float((_float32_chunk_products(rows[:i], w) - exact[i, :i]).abs().max()))
     assert max(errors) <= lz.MEASUREMENT_ULPS * eps
     assert max(plain) > 3 * lz.MEASUREMENT_ULPS * eps  # what the float64 products of heavy chunks avoid
+    gram = lz._gram_of_columns(rows, 0, n)
+    gram.fill_diagonal_(0.0)
+    assert float((gram - exact).abs().max()) <= lz.MEASUREMENT_ULPS * eps
     assert abs(res.orthogonality_loss - float(exact.abs().max())) <= lz.MEASUREMENT_ULPS * eps
 
 

@@ -69,7 +69,7 @@ _HALF_CHUNK = 1 << 22
 # partial sum, and MKL's sgemv lost 330 eps relative to ||w|| on the 5e6-entry benchmark vectors (the full
 # basis then was only 5e-5 orthogonal). Reductions of float32 vectors on the CPU therefore sum chunks of
 # this many entries in the vector dtype and add the chunk sums in float64 (2.4 eps there), at the cost of a
-# plain float32 product (a float64 conversion costs 4-6 x more on one core).
+# plain float32 product (a float64 conversion costs 4-6 x more on one core), except for the chunks _HEAVY_SHARE picks.
 _ACC_CHUNK = 1 << 14
 # ... as long as the float32 products neither overflow nor fall below float32's smallest normal number: a sum of n
 # products smaller than n times this (float32's tiny over its eps) may have lost more than eps to such products.
@@ -81,8 +81,11 @@ _FLOAT32_TINY_SUM = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32)
 # vectors, so a float32 chunk that holds more than this share of the squared norm of w (in the diagnostic: of a
 # basis row) is summed with float64 products, as are rows of at most _ACC_CHUNK columns and the tails of longer
 # ones (a float64 conversion of so few columns costs next to nothing; of a whole long row, 2.2 x the float32
-# product). At most 1 / _HEAVY_SHARE chunks of a vector can be heavy; vectors spread over many chunks keep the
-# float32 products.
+# product). Fewer than 1 / _HEAVY_SHARE chunks of a vector can be heavy; vectors spread over many chunks keep the
+# float32 products. The coefficients look at w's share only (the basis rows' shares would cost a pass over each new
+# row): a chunk holding most of a basis row but at most 1/64 of w is left with an error of at most about 1/8 of what
+# a chunk holding most of both would have (the error scales with ||q_chunk|| ||w_chunk||). Entries of w below 1e-19
+# square to zero in float32, so such a w finds no heavy chunk and keeps the float32 products.
 _HEAVY_SHARE = 1.0 / 64
 
 # reorth="partial": at most this many steps between two measurements of a new vector against the whole basis
@@ -97,8 +100,8 @@ ROUNDINGS_PER_STEP = 8
 # (OmegaEstimates.worth_recalibrating).
 RECALIBRATION_STEPS = 4
 # ... and the measured rows it keeps are given a radius of this many eps, what a measurement may be off by
-# (up to 6 eps measured on 4e5-entry float32 vectors; up to 2 eps on float32 vectors concentrated in a few chunks of
-# columns, which take float64 products there, _HEAVY_SHARE, where float32 chunks were 250 eps off).
+# (up to 6 eps measured on 4e5-entry float32 vectors; up to 6.7 eps on float32 vectors concentrated in a few chunks
+# of columns, which take float64 products there, _HEAVY_SHARE, where float32 chunks were up to 250 eps off).
 MEASUREMENT_ULPS = 8
 
 
