@@ -481,12 +481,16 @@ def test_float32_reductions_over_long_vectors_sum_chunks_in_float64():
     state = lanczos_init(op, 30, reorth="full", seed=0)
     for _ in range(20):
         lanczos_step(op, state)
-    rows, w = state.basis[0][:20], (op.d * state.q[0]).contiguous()
+    # The outliers' coordinates (the last seven) moved into the first chunk, out of the tail, whose products are
+    # float64: the same dot products, now summed by float32 chunks.
+    rows, w = state.basis[0][:20].roll(10_000, dims=1), (op.d * state.q[0]).roll(10_000).contiguous()
     eps = float(torch.finfo(torch.float32).eps)
     exact = rows.double() @ w.double()
     scale = float(w.double().norm())
-    heavy = lz._HEAVY_SHARE * scale**2
-    assert torch.allclose(lz._chunked_rows_dot(rows, w, heavy), exact, rtol=0, atol=8 * eps * scale)
+    # heavy=inf: float32 products in every whole chunk, as for a vector spread over many chunks.
+    assert torch.allclose(lz._chunked_rows_dot(rows, w, math.inf), exact, rtol=0, atol=8 * eps * scale)
+    assert torch.allclose(lz._chunked_rows_dot(rows, w, lz._HEAVY_SHARE * scale**2), exact, rtol=0,
+                          atol=8 * eps * scale)
     assert float(((rows @ w).double() - exact).abs().max()) > 8 * eps * scale  # what the chunks avoid
     assert abs(lz._fast_dot([rows[3]], [w]) - float(exact[3])) <= 8 * eps * scale
     assert abs(lz._fast_norm([w]) - scale) <= 8 * eps * scale
