@@ -91,8 +91,13 @@ _HEAVY_SHARE = 1.0 / 64
 # reorth="partial": at most this many steps between two measurements of a new vector against the whole basis
 # (OmegaEstimates.check_every). A check reads the basis once; every 10 steps that is 5 % of what "full" reads.
 CHECK_EVERY = 10
-# ... and at these iterations, where the basis is short: a check of iteration j reads j rows.
-EARLY_CHECKS = (1, 2, 4, 8)
+# ... and at every one of the first 16 iterations, where the basis is short (a check of iteration j reads j rows: 136
+# rows in all, about 9 reads of a 16-row basis). The outliers of an LM-like spectrum converge in these steps, where the
+# loss grows by up to |outlier| / beta (about 200) a step: before a measurement has calibrated the rounding level, an
+# estimate a few times low let a vector pass sqrt(eps) unmeasured between the checks at 4 and 8 that this schedule
+# had (float32, n = 676 513: a true loss of 5.2e-4 against max_omega 3.2e-4, and 92 of 100 steps re-orthogonalised
+# after the check at 8 raised the level; measured every step, 62 and the truth below max_omega).
+EARLY_CHECKS = tuple(range(1, 17))
 # reorth="partial": the starting rounding level of its estimates, in units of eps (omega_rounding).
 ROUNDINGS_PER_STEP = 8
 # reorth="partial": a crossing whose measured loss leaves at least this many steps of growth (at the rate the
@@ -452,10 +457,10 @@ class OmegaEstimates:
         return center, radius
 
     def check_due(self) -> bool:
-        """True when the new vector must be measured: at iterations 1, 2, 4 and 8 (:data:`EARLY_CHECKS`: an
-        operator rounding far worse than the starting level is found before the first vectors have lost
-        what no later re-orthogonalisation restores), then :attr:`check_every` steps after the last measured
-        one."""
+        """True when the new vector must be measured: at each of the first 16 iterations (:data:`EARLY_CHECKS`:
+        an operator rounding worse than the starting level is found, and a vector passing the threshold while the
+        outliers converge is re-orthogonalised, before the first vectors have lost what no later
+        re-orthogonalisation restores), then :attr:`check_every` steps after the last measured one."""
         return self.iteration + 1 in EARLY_CHECKS or self.since_check + 1 >= self.check_every
 
     def measured(self, row: np.ndarray, loss: np.ndarray, signed: np.ndarray | None = None) -> np.ndarray:
