@@ -496,6 +496,32 @@ def test_float32_reductions_over_long_vectors_sum_chunks_in_float64():
     assert abs(lz._fast_norm([w]) - scale) <= 8 * eps * scale
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_chunk_sums_of_the_batched_product_are_those_of_each_chunk_alone(threads):
+    """The CPU path sums all whole chunks in one batched product over strided views of the rows (a column
+    slice of a wider basis block, as a thread's share is): each chunk's float32 sum must be bit for bit the
+    product of that chunk alone, heavy chunks float64 products, the tail a float64 product."""
+    C = lz._ACC_CHUNK
+    g = torch.Generator().manual_seed(0)
+    block = torch.randn(7, 5 * C + 1000, generator=g)
+    rows, w = block[:5, 300 : 300 + 3 * C + 777], torch.randn(3 * C + 777, generator=g)
+    w[C + 5] = 3e3  # chunk 1 holds nearly all of ||w||^2: heavy, the others (about 16 384 each) not
+    heavy = lz._HEAVY_SHARE * float(w.double().norm()) ** 2
+    shares = torch.linalg.vecdot(w[: 3 * C].view(3, C), w[: 3 * C].view(3, C))
+    assert shares[1] > heavy > max(shares[0], shares[2])
+    sums = [rows[:, s : s + C] @ w[s : s + C] for s in range(0, 3 * C, C)]
+    sums[1] = rows[:, C : 2 * C].double() @ w[C : 2 * C].double()
+    expected = torch.stack([s.double() for s in sums]).sum(0) + rows[:, 3 * C :].double() @ w[3 * C :].double()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the batched product splits its batch among torch's threads
+    try:
+        got = lz._chunked_rows_dot(rows, w, heavy)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, expected)
+    assert not torch.equal(lz._chunked_rows_dot(rows, w, math.inf), expected)  # chunk 1 in float32 differs
+
+
 def test_step_reductions_over_a_model_layout_of_mixed_blocks_match_float64():
     """The alphas' and betas' dot over a model-like layout (long float32 blocks with and without a tail, dozens of
     short float32 blocks, short float64 and bfloat16 blocks, a long float64 block, a non-contiguous block),
