@@ -667,6 +667,28 @@ def test_float32_products_against_the_basis_hold_8_eps_where_one_chunk_holds_muc
     assert abs(res.orthogonality_loss - float(exact.abs().max())) <= lz.MEASUREMENT_ULPS * eps
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-24])
+def test_float32_chunks_holding_much_of_w_are_found_at_any_scale_of_w(scale):
+    """w scaled so far down that every squared entry underflows float32 (below 1e-45): the chunks holding most of it
+    must still take float64 products, the coefficients within 8 eps of ||w|| of float64 products, as at scale 1."""
+    op = _narrow_bulk_operator(49_152, seed=0, wide=3000)
+    state = lanczos_init(op, 40, reorth="full", seed=0)
+    lanczos_resume(op, state, progress=False)
+    rows = state.basis[0][:40]
+    eps = float(torch.finfo(torch.float32).eps)
+    errors, plain = [], []
+    for i in range(1, 40):
+        w = (rows[i].double() * scale).float()
+        if scale < 1:
+            assert float(torch.linalg.vecdot(w, w)) == 0.0  # float32 squares all underflow
+        exact = rows[:i].double() @ w.double()
+        size = float(w.double().norm())
+        errors.append(float((lz._basis_coefficients([state.basis[0]], [w], i) - exact).abs().max()) / size)
+        plain.append(float((_float32_chunk_products(rows[:i], w) - exact).abs().max()) / size)
+    assert max(errors) <= lz.MEASUREMENT_ULPS * eps
+    assert max(plain) > 3 * lz.MEASUREMENT_ULPS * eps  # what the float64 products of heavy chunks avoid
+
+
 @pytest.mark.parametrize("seed", [1, 3])
 def test_float32_partial_estimates_bound_the_true_loss_of_a_narrow_bulk(seed):
     """Float32 vectors of 5000 entries (one chunk) over a narrow bulk: the true loss (a float64 Gram of the basis)

@@ -84,8 +84,8 @@ _FLOAT32_TINY_SUM = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32)
 # product). Fewer than 1 / _HEAVY_SHARE chunks of a vector can be heavy; vectors spread over many chunks keep the
 # float32 products. The coefficients look at w's share only (the basis rows' shares would cost a pass over each new
 # row): a chunk holding most of a basis row but at most 1/64 of w is left with an error of at most about 1/8 of what
-# a chunk holding most of both would have (the error scales with ||q_chunk|| ||w_chunk||). Entries of w below 1e-19
-# square to zero in float32, so such a w finds no heavy chunk and keeps the float32 products.
+# a chunk holding most of both would have (the error scales with ||q_chunk|| ||w_chunk||). A w so small that its
+# squared entries could underflow float32 has its chunks' shares summed in float64.
 _HEAVY_SHARE = 1.0 / 64
 
 # reorth="partial": at most this many steps between two measurements of a new vector against the whole basis
@@ -782,7 +782,11 @@ def _chunked_rows_dot(rows: torch.Tensor, w: torch.Tensor, heavy: float) -> torc
         return rows.double() @ w.double()
     whole = n - n % _ACC_CHUNK
     chunks = w[:whole].view(-1, _ACC_CHUNK)
-    heavy_chunks = torch.nonzero(torch.linalg.vecdot(chunks, chunks).double() > heavy).view(-1).tolist()
+    # A chunk above `heavy` holds an entry whose square is at least heavy / _ACC_CHUNK. Below that bound's float32
+    # floor the squares may underflow (entries below 1e-19 square to float32 subnormals, below 4e-23 to zero), so the
+    # shares are summed in float64 (a copy of w, only for so small a vector).
+    shares = chunks if heavy >= _ACC_CHUNK * _FLOAT32_TINY_SUM else chunks.double()
+    heavy_chunks = torch.nonzero(torch.linalg.vecdot(shares, shares).double() > heavy).view(-1).tolist()
     if rows.device.type == "cpu":
         # One batched product, (m, 1, C) @ (m, C, k), over strided views of the rows (no copy): each chunk's sum
         # is bit for bit the float32 product of that chunk alone, without the Python call per chunk that cost
