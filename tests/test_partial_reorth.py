@@ -497,29 +497,33 @@ def test_float32_reductions_over_long_vectors_sum_chunks_in_float64():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_float32_chunk_sums_of_the_batched_product_are_those_of_each_chunk_alone(threads):
-    """The CPU path sums all whole chunks in one batched product over strided views of the rows (a column
-    slice of a wider basis block, as a thread's share is): each chunk's float32 sum must be bit for bit the
-    product of that chunk alone, heavy chunks float64 products, the tail a float64 product."""
+@pytest.mark.parametrize(("k", "m"), [(5, 3), (1, 3), (1, 1), (4, 1)])
+def test_float32_chunk_sums_of_the_batched_product_are_those_of_each_chunk_alone(threads, k, m):
+    """The CPU path sums the whole chunks in one batched product over strided views of the rows (a column slice of
+    a wider basis block at an odd offset, as a thread's share is): each chunk's float32 sum must be bit for bit the
+    product of that chunk alone (also for one row, and for a lone chunk), a heavy chunk a float64 product, the
+    tail a float64 product."""
     C = lz._ACC_CHUNK
     g = torch.Generator().manual_seed(0)
     block = torch.randn(7, 5 * C + 1000, generator=g)
-    rows, w = block[:5, 300 : 300 + 3 * C + 777], torch.randn(3 * C + 777, generator=g)
-    w[C + 5] = 3e3  # chunk 1 holds nearly all of ||w||^2: heavy, the others (about 16 384 each) not
+    rows, w = block[1 : 1 + k, 3 : 3 + m * C + 777], torch.randn(m * C + 777, generator=g)
+    w[(m // 2) * C + 5] = 3e3  # that chunk holds nearly all of ||w||^2: heavy, the others (about 16 384 each) not
     heavy = lz._HEAVY_SHARE * float(w.double().norm()) ** 2
-    shares = torch.linalg.vecdot(w[: 3 * C].view(3, C), w[: 3 * C].view(3, C))
-    assert shares[1] > heavy > max(shares[0], shares[2])
-    sums = [rows[:, s : s + C] @ w[s : s + C] for s in range(0, 3 * C, C)]
-    sums[1] = rows[:, C : 2 * C].double() @ w[C : 2 * C].double()
-    expected = torch.stack([s.double() for s in sums]).sum(0) + rows[:, 3 * C :].double() @ w[3 * C :].double()
+    shares = torch.linalg.vecdot(w[: m * C].view(m, C), w[: m * C].view(m, C))
+    assert (shares > heavy).tolist() == [c == m // 2 for c in range(m)]
+    pieces = [(rows[:, c * C : (c + 1) * C], w[c * C : (c + 1) * C]) for c in range(m)]
+    tail = rows[:, m * C :].double() @ w[m * C :].double()
+    in_float32 = torch.stack([(r @ x).double() for r, x in pieces]).sum(0) + tail
+    expected = torch.stack([r.double() @ x.double() if c == m // 2 else (r @ x).double()
+                            for c, (r, x) in enumerate(pieces)]).sum(0) + tail
+    assert not torch.equal(in_float32, expected)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the batched product splits its batch among torch's threads
     try:
-        got = lz._chunked_rows_dot(rows, w, heavy)
+        assert torch.equal(lz._chunked_rows_dot(rows, w, heavy), expected)
+        assert torch.equal(lz._chunked_rows_dot(rows, w, math.inf), in_float32)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(got, expected)
-    assert not torch.equal(lz._chunked_rows_dot(rows, w, math.inf), expected)  # chunk 1 in float32 differs
 
 
 def test_step_reductions_over_a_model_layout_of_mixed_blocks_match_float64():
@@ -667,10 +671,11 @@ def test_float32_products_against_the_basis_hold_8_eps_where_one_chunk_holds_muc
     assert abs(res.orthogonality_loss - float(exact.abs().max())) <= lz.MEASUREMENT_ULPS * eps
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-24])
-def test_float32_chunks_holding_much_of_w_are_found_at_any_scale_of_w(scale):
-    """w scaled so far down that every squared entry underflows float32 (below 1e-45): the chunks holding most of it
-    must still take float64 products, the coefficients within 8 eps of ||w|| of float64 products, as at scale 1."""
+@pytest.mark.parametrize("scale", [1.0, 1e-24, 1e-36])
+def test_float32_measurements_of_a_tiny_w_hold_8_eps(scale):
+    """w scaled so far down that every squared entry underflows float32 (1e-24: below 1e-45), or even its products
+    with the basis rows (1e-36: below float32's smallest normal number, 1.2e-38): the coefficients within 8 eps of
+    ||w|| of float64 products, as at scale 1."""
     op = _narrow_bulk_operator(49_152, seed=0, wide=3000)
     state = lanczos_init(op, 40, reorth="full", seed=0)
     lanczos_resume(op, state, progress=False)

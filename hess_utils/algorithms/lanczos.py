@@ -85,7 +85,7 @@ _FLOAT32_TINY_SUM = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32)
 # float32 products. The coefficients look at w's share only (the basis rows' shares would cost a pass over each new
 # row): a chunk holding most of a basis row but at most 1/64 of w is left with an error of at most about 1/8 of what
 # a chunk holding most of both would have (the error scales with ||q_chunk|| ||w_chunk||). A w so small that its
-# squared entries could underflow float32 has its chunks' shares summed in float64.
+# float32 squares or products could underflow takes float64 products in every chunk.
 _HEAVY_SHARE = 1.0 / 64
 
 # reorth="partial": at most this many steps between two measurements of a new vector against the whole basis
@@ -773,7 +773,8 @@ def _chunked_rows_dot(rows: torch.Tensor, w: torch.Tensor, heavy: float) -> torc
     Float32 rows are summed over chunks of :data:`_ACC_CHUNK` columns, chunk sums in float64. Chunks whose part of
     ``w`` has a squared norm above ``heavy`` (the caller's :data:`_HEAVY_SHARE` of the whole ``||w||^2``: ``w`` may
     be a piece of a longer vector), rows of at most :data:`_ACC_CHUNK` columns and the tail of longer ones are
-    summed with float64 products.
+    summed with float64 products, and every chunk is when ``heavy`` is so small that ``w``'s float32 squares or
+    products could underflow.
     """
     n = rows.shape[1]
     if rows.dtype == torch.float64:
@@ -782,20 +783,24 @@ def _chunked_rows_dot(rows: torch.Tensor, w: torch.Tensor, heavy: float) -> torc
         return rows.double() @ w.double()
     whole = n - n % _ACC_CHUNK
     chunks = w[:whole].view(-1, _ACC_CHUNK)
-    # A chunk above `heavy` holds an entry whose square is at least heavy / _ACC_CHUNK. Below that bound's float32
-    # floor the squares may underflow (entries below 1e-19 square to float32 subnormals, below 4e-23 to zero), so the
-    # shares are summed in float64 (a copy of w, only for so small a vector).
-    shares = chunks if heavy >= _ACC_CHUNK * _FLOAT32_TINY_SUM else chunks.double()
-    heavy_chunks = torch.nonzero(torch.linalg.vecdot(shares, shares).double() > heavy).view(-1).tolist()
-    if rows.device.type == "cpu":
-        # One batched product, (m, 1, C) @ (m, C, k), over strided views of the rows (no copy): each chunk's sum
-        # is bit for bit the float32 product of that chunk alone, without the Python call per chunk that cost
-        # 10 ms a read of 5.3 M columns (a check of a short basis at the start of a run).
-        sums = torch.bmm(chunks.unsqueeze(1), rows[:, :whole].unflatten(1, (-1, _ACC_CHUNK)).permute(1, 2, 0))
-        sums = sums.squeeze(1).double()
+    if heavy < _ACC_CHUNK * _FLOAT32_TINY_SUM:
+        # So small a w (||w|| below about 3e-13) that its float32 squares, which pick the heavy chunks, or its float32
+        # products with the rows may fall below float32's smallest normal number and lose digits (entries below 1e-19
+        # square to subnormals; products below 1.2e-38 keep fewer than 24 bits): every chunk takes float64 products.
+        heavy_chunks = range(chunks.shape[0])
+        sums = torch.empty((chunks.shape[0], rows.shape[0]), dtype=torch.float64, device=rows.device)
     else:
-        sums = torch.stack([rows[:, s : s + _ACC_CHUNK] @ w[s : s + _ACC_CHUNK] for s in range(0, whole, _ACC_CHUNK)])
-        sums = sums.double()
+        heavy_chunks = torch.nonzero(torch.linalg.vecdot(chunks, chunks).double() > heavy).view(-1).tolist()
+        if rows.device.type == "cpu" and chunks.shape[0] > 1:
+            # One batched product, (m, 1, C) @ (m, C, k), over strided views of the rows (no copy): each chunk is
+            # still summed alone in float32, without the Python call per chunk that cost 10 ms a read of 5.3 M
+            # columns (a check of a short basis at the start of a run). (A lone chunk keeps the plain product: bmm's
+            # kernel for one 1 x 1 product rounds differently.)
+            sums = torch.bmm(chunks.unsqueeze(1), rows[:, :whole].unflatten(1, (-1, _ACC_CHUNK)).permute(1, 2, 0))
+            sums = sums.squeeze(1).double()
+        else:
+            sums = torch.stack([rows[:, c * _ACC_CHUNK : (c + 1) * _ACC_CHUNK] @ x for c, x in enumerate(chunks)])
+            sums = sums.double()
     for c in heavy_chunks:
         s = c * _ACC_CHUNK
         sums[c] = rows[:, s : s + _ACC_CHUNK].double() @ w[s : s + _ACC_CHUNK].double()
